@@ -1,0 +1,58 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from vision_eff import cli
+
+
+def run_cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "vision_eff.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--model", "sd-xl"], "invalid choice"),
+    (["generate", "--steps", "0"], "--steps must be >= 1"),
+    (["generate", "--labels", "9", "--no-compare"], "class label 9 is out of range"),
+    (["zoo", "train", "nope"], "invalid choice"),
+    (["bench", "bogus"], "invalid choice"),
+])
+def test_bad_input_one_line_exit_2(args, needle):
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unwritable_output_path(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_cli("generate", "--out", str(blocker / "sub"), "--no-compare")
+    assert r.returncode == 2 and "cannot write" in r.stderr and "--out" in r.stderr
+
+
+def test_help_texts(capsys):
+    for argv in (["--help"], ["generate", "--help"], ["zoo", "train", "--help"]):
+        assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "generate" in out and "--eval-samples" in out and "--steps" in out
+    assert cli.main(["bench"]) == 0 and "samplers" in capsys.readouterr().out
+
+
+def test_zoo_list(capsys):
+    assert cli.main(["zoo", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "shapes-unet" in out and "shapes-dit" in out and "trained" in out
+
+
+def test_generate_small_end_to_end(tmp_path, capsys):
+    rc = cli.main(["generate", "--out", str(tmp_path), "--eval-samples", "16", "--per-class", "2",
+                   "--steps", "3", "--labels", "0", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "diffusers default" in out and "FD" in out
+    assert (tmp_path / "shapes-unet-generate.png").exists() and (tmp_path / "shapes-unet-generate.md").exists()

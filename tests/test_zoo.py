@@ -1,0 +1,98 @@
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler
+
+from vision_eff import zoo
+from vision_eff.zoo import weights
+from vision_eff.zoo.pipeline import ShapesUNetPipeline
+
+
+@pytest.fixture(scope="module", params=["shapes-unet", "shapes-dit"])
+def pipe(request):
+    return zoo.load_pipeline(request.param)
+
+
+def test_weights_record_their_training(pipe):
+    name = "shapes-unet" if hasattr(pipe, "unet") else "shapes-dit"
+    info = zoo.model_info(name)
+    assert info["model"] == name and info["steps_done"] >= 1
+    assert {"seed", "steps", "batch_size"} <= set(info["recipe"])
+    assert info["train_seconds"] > 0
+
+
+@pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDIMScheduler, HeunDiscreteScheduler])
+def test_offline_generation_with_swapped_schedulers(pipe, scheduler_cls):
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    out = pipe(class_labels=[1, 4], num_inference_steps=4, guidance_scale=2.0, latents=noise,
+               output_type="pt").images
+    assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+    assert 0 <= out.min() and out.max() <= 1
+    again = pipe(class_labels=[1, 4], num_inference_steps=4, guidance_scale=2.0, latents=noise,
+                 output_type="pt").images
+    assert torch.equal(out, again)  # deterministic for a fixed noise
+
+
+def test_output_types_and_generator(pipe):
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    pil = pipe(class_labels=0, num_inference_steps=2, generator=g()).images
+    np_img = pipe(class_labels=0, num_inference_steps=2, generator=g(), output_type="np").images
+    lat = pipe(class_labels=0, num_inference_steps=2, generator=g(), output_type="latent").images
+    assert pil[0].size == (32, 32) and np_img.shape == (1, 32, 32, 3)
+    assert torch.allclose(torch.from_numpy(np_img).permute(0, 3, 1, 2), (lat + 1) / 2, atol=1e-6)
+
+
+def test_callback_sees_every_step(pipe):
+    seen = []
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe(class_labels=[2], num_inference_steps=3, callback_on_step_end=lambda p, i, t, kw: seen.append(i) or kw)
+    assert seen == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(class_labels=[8]), "out of range"),
+    (dict(class_labels=[-1]), "out of range"),
+    (dict(class_labels=[0.5]), "integers"),
+    (dict(class_labels=[0], num_inference_steps=0), ">= 1"),
+    (dict(class_labels=[0], output_type="jpg"), "output_type"),
+    (dict(class_labels=[0], latents=torch.zeros(1, 3, 16, 16)), "shape"),
+])
+def test_pipeline_bad_input(pipe, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pipe(**kwargs)
+
+
+def test_unknown_model_and_non_diffusion_model():
+    with pytest.raises(KeyError, match="built-in models are"):
+        zoo.load_pipeline("stable-diffusion")
+    with pytest.raises(ValueError, match="not a diffusion model"):
+        zoo.load_pipeline("shapes-classifier")
+
+
+def test_corrupt_and_mismatched_weights(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all")
+    with pytest.raises(weights.WeightsError, match="not a valid safetensors"):
+        weights.load_into(zoo.build("shapes-classifier"), bad, "shapes-classifier")
+    other = weights.save(zoo.build("shapes-classifier"), tmp_path / "c.safetensors", {"model": "shapes-classifier"})
+    with pytest.raises(weights.WeightsError, match="holds weights for 'shapes-classifier'"):
+        weights.load_into(zoo.build("shapes-dit"), other, "shapes-dit")
+    wrong = weights.save(zoo.build("shapes-classifier"), tmp_path / "w.safetensors", {"model": "x"})
+    with pytest.raises(weights.WeightsError, match="does not match"):
+        weights.load_into(zoo.build("shapes-dit"), wrong, "x")
+    with pytest.raises(weights.WeightsError, match="vision-eff zoo train"):
+        weights.load_into(zoo.build("shapes-dit"), tmp_path / "missing.safetensors", "shapes-dit")
+
+
+def test_training_a_few_steps_writes_a_loadable_record(tmp_path):
+    from vision_eff.zoo.train import train
+
+    out = train("shapes-unet", steps=2, batch_size=4, out=tmp_path / "u.safetensors", progress=False)
+    meta = weights.read_metadata(out)
+    assert meta["steps_done"] == 2 and meta["final"] is True and meta["recipe"]["batch_size"] == 4
+    modules = zoo.build("shapes-unet")
+    weights.load_into(modules, out, "shapes-unet")
+    pipe = ShapesUNetPipeline(unet=modules["unet"], label_encoder=modules["label_encoder"],
+                              scheduler=zoo.default_scheduler("shapes-unet"))
+    assert pipe(class_labels=[0], num_inference_steps=1, output_type="pt").images.shape == (1, 3, 32, 32)

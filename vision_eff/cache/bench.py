@@ -1,0 +1,378 @@
+"""``vision-eff bench diffusion``: token merging + step caching on the built-in UNet and DiT, beside the peers.
+
+Part 1 (built-in trained models): for every setting, wall time to generate ``--n`` class-balanced images
+(classifier-free guidance, DPM-Solver++ 2M, ``--steps`` steps, the same noise for every setting),
+the evaluator's FD and class accuracy, and PSNR/SSIM to the unaccelerated images. Peers in the same run:
+tomesd and DeepCache on the UNet, diffusers' FirstBlockCache and TaylorSeer on the DiT (each skipped,
+with the reason in the table, when it is not installed or fails).
+
+Part 2 (``--big``): per-call speed of SD1.5- and SDXL-configured UNets and a PixArt-alpha-configured
+transformer with random weights at 512 px latent shapes (64x64 latents, batch 1): the plain call,
+token merging, and the full / cached calls of step caching (a step-cache row's time is the mean per
+step of one full and ``interval - 1`` cached calls).
+
+Writes ``notes/results/diffusion.md`` (tables, machine, versions, commit, command) and
+``gallery/diffusion/{unet,dit}.png`` (the first images of every setting side by side).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import vision_eff as ve
+
+RESULTS = Path(__file__).resolve().parents[2] / "notes" / "results" / "diffusion.md"
+GALLERY_DIR = Path(__file__).resolve().parents[2] / "gallery" / "diffusion"
+
+Setting = tuple[str, str, Callable[[Any], Callable[[], None]]]  # (name, who, apply(pipe) -> undo)
+
+
+# ----------------------------------------------------------------------------------------- settings
+def _ours(*techniques) -> Callable[[Any], Callable[[], None]]:
+    def apply(pipe):
+        return ve.apply(pipe, *techniques).remove
+    return apply
+
+
+def _tomesd(ratio: float, max_downsample: int = 1):
+    def apply(pipe):
+        import tomesd
+
+        tomesd.apply_patch(pipe, ratio=ratio, max_downsample=max_downsample)
+        return lambda: tomesd.remove_patch(pipe)
+    return apply
+
+
+def _deepcache(interval: int, branch: int = 0, tome: float | None = None):
+    def apply(pipe):
+        from DeepCache import DeepCacheSDHelper
+
+        undo_tome = _tomesd(tome)(pipe) if tome else (lambda: None)
+        helper = DeepCacheSDHelper(pipe=pipe)
+        helper.set_params(cache_interval=interval, cache_branch_id=branch)
+        helper.enable()
+        # DeepCache reads the step with timestep.item(): hand it one timestep (the batch shares it)
+        wrapped = pipe.unet.forward
+        pipe.unet.forward = lambda x, t, *a, **k: wrapped(x, t[:1] if torch.is_tensor(t) and t.ndim else t, *a, **k)
+
+        def undo():
+            del pipe.unet.forward
+            helper.disable()
+            undo_tome()
+        return undo
+    return apply
+
+
+def _diffusers_hook(kind: str, **config):
+    def apply(pipe):
+        from diffusers.hooks import (FirstBlockCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache,
+                                     apply_taylorseer_cache)
+
+        original = pipe.transformer
+        twin = copy.deepcopy(original)  # diffusers' hooks are removed with their registry; a twin is simpler
+        if kind == "fbc":
+            apply_first_block_cache(twin, FirstBlockCacheConfig(**config))
+        else:
+            apply_taylorseer_cache(twin, TaylorSeerCacheConfig(**config))
+        pipe.transformer = twin
+        # what a diffusers pipeline does for a CacheMixin model: a named cache context around each denoiser
+        # call, and fresh hook state for every run (DiTTransformer2DModel has no CacheMixin)
+        from diffusers.hooks.hooks import CacheContext, HookRegistry, _set_cache_context
+
+        call, set_timesteps = pipe._denoise, pipe.scheduler.set_timesteps
+
+        def denoise(*a, **k):
+            _set_cache_context(twin, CacheContext("cond_uncond"))
+            try:
+                return call(*a, **k)
+            finally:
+                _set_cache_context(twin, None)
+
+        def new_run(*a, **k):
+            HookRegistry.check_if_exists_or_initialize(twin).reset_stateful_hooks(recurse=True)
+            return set_timesteps(*a, **k)
+
+        pipe._denoise, pipe.scheduler.set_timesteps = denoise, new_run
+
+        def undo():
+            del pipe._denoise
+            del pipe.scheduler.set_timesteps
+            pipe.transformer = original
+        return undo
+    return apply
+
+
+def unet_settings() -> list[Setting]:
+    TM, SC = ve.TokenMerge, ve.StepCache
+    return [
+        ("TokenMerge 0.5 (merge)", "ours", _ours(TM(ratio=0.5))),
+        ("TokenMerge 0.5 (merge, 32x32 level only)", "ours", _ours(TM(ratio=0.5, min_tokens=1024))),
+        ("TokenMerge 0.75 (downsample 2x2)", "ours", _ours(TM(ratio=0.75, method="downsample"))),
+        ("StepCache interval 3", "ours", _ours(SC(interval=3))),
+        ("StepCache interval 5", "ours", _ours(SC(interval=5))),
+        ("StepCache 5 + TokenMerge 0.5 (merge, 32x32 only)", "ours", _ours(SC(interval=5), TM(ratio=0.5, min_tokens=1024))),
+        ("tomesd 0.5", "tomesd 0.1.3", _tomesd(0.5)),
+        ("DeepCache interval 3", "DeepCache 0.1.1", _deepcache(3)),
+        ("DeepCache interval 5", "DeepCache 0.1.1", _deepcache(5)),
+        ("DeepCache 5 + tomesd 0.5", "both", _deepcache(5, tome=0.5)),
+    ]
+
+
+def dit_settings() -> list[Setting]:
+    TM, SC = ve.TokenMerge, ve.StepCache
+    return [
+        ("TokenMerge 0.5 (merge)", "ours", _ours(TM(ratio=0.5))),
+        ("TokenMerge 0.75 (downsample 2x2)", "ours", _ours(TM(ratio=0.75, method="downsample"))),
+        ("StepCache interval 2", "ours", _ours(SC(interval=2))),
+        ("StepCache interval 3", "ours", _ours(SC(interval=3))),
+        ("StepCache interval 3, order 1", "ours", _ours(SC(interval=3, order=1))),
+        ("StepCache adaptive 0.2 (max 4), order 1", "ours", _ours(SC(interval=4, threshold=0.2, order=1))),
+        ("StepCache 3, order 1 + TokenMerge 0.5 (merge)", "ours", _ours(SC(interval=3, order=1), TM(ratio=0.5))),
+        ("FirstBlockCache 0.1", "diffusers", _diffusers_hook("fbc", threshold=0.1)),
+        ("FirstBlockCache 0.2", "diffusers", _diffusers_hook("fbc", threshold=0.2)),
+        ("TaylorSeer interval 3, order 1", "diffusers",
+         _diffusers_hook("taylor", cache_interval=3, max_order=1, disable_cache_before_step=1,
+                         cache_identifiers=[r"transformer_blocks\.\d+"], taylor_factors_dtype=torch.float32)),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ part 1
+def _generate(pipe, labels, noise, steps, guidance, batch) -> tuple[torch.Tensor, float]:
+    out = []
+    t0 = time.perf_counter()
+    for i in range(0, len(labels), batch):
+        out.append(pipe(class_labels=labels[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
+                        latents=noise[i:i + batch], output_type="latent").images)
+    return torch.cat(out), time.perf_counter() - t0
+
+
+def _flops(pipe, labels, noise, steps, guidance) -> float:
+    """FLOPs of generating the first image (aten-level count: convolutions, matmuls, attention)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # the math SDPA backend, so that attention is counted (the fused CPU kernels are not)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _generate(pipe, labels[:1], noise[:1], steps, guidance, 1)
+    return float(counter.get_total_flops())
+
+
+def _quality(evaluator, imgs, labels) -> dict:
+    if evaluator is None:
+        return {}
+    return dict(fd=evaluator.fd(imgs), accuracy=evaluator.accuracy(imgs, labels))
+
+
+def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[list[dict], list]:
+    from ..metrics import psnr, ssim
+    from ..zoo import NUM_CLASSES, load_pipeline
+
+    pipe = load_pipeline(name)
+    labels = torch.arange(args.n) % NUM_CLASSES
+    noise = torch.randn(args.n, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    _generate(pipe, labels[:2], noise[:2], 2, args.guidance, args.batch)  # warm-up
+    ref, t_ref = _generate(pipe, labels, noise, args.steps, args.guidance, args.batch)
+    f_ref = _flops(pipe, labels, noise, args.steps, args.guidance)
+    rows = [dict(setting=f"reference (DPM-Solver++ 2M, {args.steps} steps)", who="diffusers", time_s=t_ref,
+                 speedup=1.0, gflops=f_ref / 1e9, flop_speedup=1.0, psnr=float("inf"), ssim=1.0,
+                 **_quality(evaluator, ref, labels))]
+    panels = [("reference", ref[:args.show])]
+    print(f"[{name}] reference: {rows[0]}", flush=True)
+    for title, who, apply in settings:
+        if args.only and not any(s in title for s in args.only):
+            continue
+        try:
+            undo = apply(pipe)
+        except Exception as exc:  # a peer that is missing or does not run on this model
+            rows.append(dict(setting=title, who=who, note=f"not run: {type(exc).__name__}: {str(exc)[:80]}"))
+            print(f"[{name}] {title}: not run ({exc})", flush=True)
+            continue
+        try:
+            imgs, t = _generate(pipe, labels, noise, args.steps, args.guidance, args.batch)
+            flops = _flops(pipe, labels, noise, args.steps, args.guidance)
+        except Exception as exc:
+            rows.append(dict(setting=title, who=who, note=f"failed: {type(exc).__name__}: {str(exc)[:80]}"))
+            print(f"[{name}] {title}: failed ({exc})", flush=True)
+            continue
+        finally:
+            undo()
+        row = dict(setting=title, who=who, time_s=t, speedup=t_ref / t, gflops=flops / 1e9, flop_speedup=f_ref / flops,
+                   psnr=psnr(imgs, ref).mean().item(), ssim=ssim(imgs, ref).mean().item(), **_quality(evaluator, imgs, labels))
+        rows.append(row)
+        panels.append((title[:26], imgs[:args.show]))
+        print(f"[{name}] {title}: {row}", flush=True)
+    # the unpatched pipeline must be exactly the reference again after all the removes
+    check, _ = _generate(pipe, labels[:args.batch], noise[:args.batch], args.steps, args.guidance, args.batch)
+    rows.append(dict(setting="(reference again, after every remove())", who="-",
+                     note="bit-exact" if torch.equal(check, ref[:args.batch]) else "DIFFERS"))
+    return rows, panels
+
+
+# ------------------------------------------------------------------------------------------ part 2
+SD15 = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SDXL = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=2048,
+            block_out_channels=(320, 640, 1280), attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+PIXART = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+              sample_size=64, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+              norm_type="ada_norm_single", num_embeds_ada_norm=1000, use_additional_conditions=False)
+
+
+def _big(name: str):
+    g = torch.Generator().manual_seed(0)
+    if name == "pixart":
+        from diffusers import PixArtTransformer2DModel
+
+        model = PixArtTransformer2DModel(**PIXART)
+        kw = dict(hidden_states=torch.randn(1, 4, 64, 64, generator=g), encoder_hidden_states=torch.randn(1, 120, 4096, generator=g),
+                  added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    else:
+        from diffusers import UNet2DConditionModel
+
+        cfg = SD15 if name == "sd15" else SDXL
+        model = UNet2DConditionModel(**cfg)
+        kw = dict(sample=torch.randn(1, 4, 64, 64, generator=g),
+                  encoder_hidden_states=torch.randn(1, 77, cfg["cross_attention_dim"], generator=g))
+        if name == "sdxl":
+            kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 1280, generator=g), "time_ids": torch.randn(1, 6, generator=g)}
+    return model.eval().requires_grad_(False), kw
+
+
+@torch.no_grad()
+def _call(model, kw, t: float) -> float:
+    t0 = time.perf_counter()
+    model(**kw, timestep=torch.tensor([t]), return_dict=False)
+    return time.perf_counter() - t0
+
+
+def bench_big(names: list[str], calls: int) -> list[dict]:
+    """Per-call time of big random-weight models (bare model: the clock counts calls, timesteps go down)."""
+    rows = []
+    for name in names:
+        model, kw = _big(name)
+        _call(model, kw, 999)  # warm-up
+        plain = sum(_call(model, kw, 900 - i) for i in range(calls)) / calls
+        rows.append(dict(model=name, setting="plain", per_step_s=plain, speedup=1.0))
+        print(f"[big {name}] plain {plain:.2f}s", flush=True)
+        configs = [("TokenMerge 0.5 (merge)", [ve.TokenMerge(ratio=0.5)]),
+                   ("TokenMerge 0.5 (downsample)", [ve.TokenMerge(ratio=0.5, method="downsample")]),
+                   ("StepCache interval 3", [ve.StepCache(interval=3, warmup=0)]),
+                   ("StepCache 3 + TokenMerge 0.5 (downsample)",
+                    [ve.StepCache(interval=3, warmup=0), ve.TokenMerge(ratio=0.5, method="downsample")])]
+        for title, techniques in configs:
+            with ve.patched(model, *techniques) as h:
+                if any(isinstance(t, ve.StepCache) for t in techniques):
+                    full = _call(model, kw, 800)
+                    cached = sum(_call(model, kw, 799 - i) for i in range(calls)) / calls
+                    per = (full + 2 * cached) / 3
+                    note = f"full {full:.2f}s, cached {cached:.2f}s"
+                else:
+                    per = sum(_call(model, kw, 700 - i) for i in range(calls)) / calls
+                    note = ""
+                if name == "sdxl" and any(isinstance(t, ve.TokenMerge) for t in techniques):
+                    note = (note + "; " if note else "") + "merging active at 32x32 and 16x16 levels"
+            rows.append(dict(model=name, setting=title, per_step_s=per, speedup=plain / per, note=note))
+            print(f"[big {name}] {title}: {per:.2f}s x{plain / per:.2f} {note}", flush=True)
+        if name != "pixart":
+            try:
+                import tomesd
+
+                class _P:  # tomesd patches `pipe.unet`
+                    unet = model
+                tomesd.apply_patch(_P, ratio=0.5)
+                per = sum(_call(model, kw, 600 - i) for i in range(calls)) / calls
+                tomesd.remove_patch(_P)
+                rows.append(dict(model=name, setting="tomesd 0.5", per_step_s=per, speedup=plain / per))
+                print(f"[big {name}] tomesd: {per:.2f}s x{plain / per:.2f}", flush=True)
+            except Exception as exc:
+                rows.append(dict(model=name, setting="tomesd 0.5", note=f"not run: {type(exc).__name__}: {str(exc)[:60]}"))
+        del model
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- report
+def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
+    from ..gallery import markdown_table, provenance
+
+    cols = ["setting", "who", "time_s", "speedup", "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
+    text = ["# Token merging and step caching on diffusion models (`vision-eff bench diffusion`)", "",
+            provenance("vision-eff bench diffusion " + " ".join(args.argv)), "",
+            f"n={args.n} class-balanced images per setting, guidance {args.guidance}, {args.steps} steps of "
+            "DPM-Solver++ 2M, batch " f"{args.batch} (x2 with guidance), the same noise for every setting. "
+            "PSNR/SSIM: to the reference images from the same noise. FD: evaluator features vs the held-out "
+            "split (same n for every row, so rows compare; the real-vs-real floor at this n is given below). "
+            "gflops / flop_speedup: FLOPs counted by torch's FlopCounterMode for one image (x2 with guidance), a "
+            "load-independent measure of the work saved; time_s / speedup: wall clock on this machine.", ""]
+    for name, rows in parts.items():
+        text += [f"## {name}", "", markdown_table(rows, cols, floatfmt=".3g"), ""]
+    if "fd_floor" in args.__dict__ and args.fd_floor is not None:
+        text += [f"FD floor (real training images vs the held-out split, n={args.n}): {args.fd_floor:.3g}", ""]
+    if big:
+        text += ["## Random-weight models at 512 px latent shapes (64x64 latents, batch 1, per denoiser call)", "",
+                 markdown_table(big, ["model", "setting", "per_step_s", "speedup", "note"], floatfmt=".3g"), ""]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text))
+    print(f"wrote {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vision-eff bench diffusion", description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=256, help="images per setting (default 256)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    p.add_argument("--batch", type=int, default=64, help="images per pipeline call (default 64)")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--models", nargs="+", default=["shapes-unet", "shapes-dit"], choices=["shapes-unet", "shapes-dit"])
+    p.add_argument("--only", nargs="*", default=None, help="run only settings whose name contains one of these")
+    p.add_argument("--big", nargs="*", default=None, choices=["sd15", "sdxl", "pixart"],
+                   help="also time random-weight SD1.5 / SDXL UNets and a PixArt transformer at 64x64 latents")
+    p.add_argument("--big-calls", type=int, default=1, help="timed calls per big-model setting (default 1)")
+    p.add_argument("--skip-builtin", action="store_true", help="only the big random-weight models")
+    p.add_argument("--no-eval", action="store_true", help="skip FD / accuracy (speed, FLOPs and PSNR/SSIM only)")
+    p.add_argument("--show", type=int, default=16, help="images per setting in the gallery grid")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--gallery", default=str(GALLERY_DIR))
+    args = p.parse_args(argv)
+    args.argv = list(argv or [])
+    for k in ("n", "steps", "batch", "big_calls"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be >= 1")
+    parts, big, args.fd_floor = {}, [], None
+    if not args.skip_builtin:
+        from ..metrics import Evaluator
+        from ..zoo.weights import weights_path
+
+        missing = [m for m in args.models if not weights_path(m).exists()]
+        if missing:
+            print(f"vision-eff bench diffusion: error: no trained weights for {', '.join(missing)} "
+                  f"(train them with `vision-eff zoo train NAME`)")
+            return 2
+        evaluator = None
+        if weights_path("shapes-classifier").exists() and not args.no_eval:
+            evaluator = Evaluator()
+            args.fd_floor = evaluator.fd_floor(args.n)
+        else:
+            print("FD and accuracy left out (--no-eval or no shapes-classifier weights); PSNR/SSIM and speed still run")
+        from ..gallery import labelled_panels
+
+        for name in args.models:
+            rows, panels = bench_model(name, unet_settings() if name == "shapes-unet" else dit_settings(), args, evaluator)
+            parts[name] = rows
+            gdir = Path(args.gallery)
+            gdir.mkdir(parents=True, exist_ok=True)
+            labelled_panels(panels, nrow=4, scale=2).save(gdir / f"{name.split('-')[1]}.png")
+    if args.big:
+        big = bench_big(args.big, args.big_calls)
+    _write(args, parts, big)
+    return 0

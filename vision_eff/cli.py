@@ -1,0 +1,193 @@
+"""The ``vision-eff`` command.
+
+    vision-eff generate            the main job: a labelled grid from the built-in UNet with the fastest
+                                   configuration, compared with diffusers' 50-step default (same noise)
+    vision-eff bench NAME ...      benchmarks (samplers, attention, vit, diffusion, zoo)
+    vision-eff zoo list|train|eval the built-in models
+    vision-eff samplers ...        sampler tools (schedule optimization)
+
+Bad input gets one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+# `vision-eff bench NAME args...` -> module.main(args)
+BENCHES = {
+    "samplers": ("vision_eff.samplers.bench", "fast ODE samplers vs diffusers' schedulers (oracle + built-in models)"),
+    "attention": ("vision_eff.kernels.bench", "attention kernels vs SDPA backends (GPU)"),
+    "vit": ("vision_eff.vit.bench", "token merging / pruning on timm ViTs"),
+    "diffusion": ("vision_eff.cache.bench", "token merging + step caching on the built-in UNet and DiT"),
+    "zoo": ("vision_eff.zoo.evaluate", "quality of the built-in models (accuracy, FD vs the real-vs-real floor)"),
+}
+# `vision-eff NAME args...` -> module.main(args), for tool groups owned by a sub-package
+GROUPS = {
+    "samplers": ("vision_eff.samplers.cli", "sampler tools: `vision-eff samplers optimize --help`"),
+}
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `vision-eff generate: error: ... (see --help)`, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive_int(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _add_generate(sub) -> None:
+    from .zoo import ZOO
+
+    p = sub.add_parser("generate", help="the main job: generate a labelled grid and compare with diffusers' default",
+                       description="Generate a class-labelled grid with a built-in model using the fastest "
+                                   "configuration vision-eff has, write it into gallery/, and print wall time, FD "
+                                   "and class accuracy beside diffusers' default (50-step DPM-Solver++, same noise).")
+    diffusion = [n for n, e in ZOO.items() if e.kind in ("unet", "dit")]
+    p.add_argument("--model", default="shapes-unet", choices=diffusion, help="built-in model (default: shapes-unet)")
+    p.add_argument("--steps", type=_positive_int("--steps"), default=None,
+                   help="model calls for the fast configuration (default: the preset's)")
+    p.add_argument("--labels", type=int, nargs="+", default=None, metavar="L",
+                   help="class labels for the grid (default: every class); 0..7")
+    p.add_argument("--per-class", type=_positive_int("--per-class"), default=8, help="grid columns per class")
+    p.add_argument("--eval-samples", type=_positive_int("--eval-samples"), default=128,
+                   help="images per configuration for FD/accuracy (class-balanced)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default: gallery/)")
+    p.add_argument("--no-compare", action="store_true", help="skip the diffusers-default reference run")
+
+
+def _add_zoo(sub) -> None:
+    from .zoo import ZOO
+
+    p = sub.add_parser("zoo", help="list, train or evaluate the built-in models",
+                       description="The built-in models: list them, retrain them from scratch, or evaluate them.")
+    zsub = p.add_subparsers(dest="zoo_cmd", required=True, metavar="{list,train,eval}")
+    zsub.add_parser("list", help="list built-in models and their training records")
+    t = zsub.add_parser("train", help="train a built-in model from scratch (writes safetensors weights)",
+                        description="Train a built-in model. Seed, steps, batch, data and wall time go into the "
+                                    "weights' metadata. Use `accelerate launch -m vision_eff.cli zoo train ...` "
+                                    "for several processes / GPUs.")
+    t.add_argument("name", choices=list(ZOO))
+    t.add_argument("--steps", type=_positive_int("--steps"), default=None, help="optimizer steps (default: recipe)")
+    t.add_argument("--batch-size", type=_positive_int("--batch-size"), default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--seed", type=int, default=None)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--out", default=None, help="weights path (default: the packaged weights file)")
+    e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
+    e.add_argument("args", nargs=argparse.REMAINDER)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vision-eff", description="vision-eff: fast samplers, token merging, step caching and "
+                     "attention kernels for diffusers and timm models, with built-in models to measure them on.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Run `vision-eff COMMAND --help` for each command's options.")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _add_generate(sub)
+    b = sub.add_parser("bench", help="run a benchmark (writes a results table)", add_help=False,
+                       description="Benchmarks: " + "; ".join(f"{k}: {v[1]}" for k, v in BENCHES.items()))
+    b.add_argument("name", nargs="?", choices=[*BENCHES, "all"], help="which benchmark (`all` runs every one)")
+    b.add_argument("args", nargs=argparse.REMAINDER)
+    _add_zoo(sub)
+    for name, (_, helptext) in GROUPS.items():
+        g = sub.add_parser(name, help=helptext, add_help=False)
+        g.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _load_main(module: str):
+    try:
+        return importlib.import_module(module).main
+    except ModuleNotFoundError as exc:
+        if exc.name and module.startswith(exc.name):
+            raise UsageError(f"{module} is not part of this version of vision-eff") from None
+        raise
+
+
+def _bench(args) -> int:
+    if args.name is None:
+        print("usage: vision-eff bench {" + ",".join([*BENCHES, "all"]) + "} [options]\n")
+        for k, (_, h) in BENCHES.items():
+            print(f"  {k:10s} {h}")
+        return 0
+    names = [n for n in BENCHES if n != "attention"] if args.name == "all" else [args.name]
+    rc = 0
+    for n in names:
+        rc = max(rc, int(_load_main(BENCHES[n][0])(list(args.args)) or 0))
+    return rc
+
+
+def _zoo(args) -> int:
+    from .zoo import ZOO, model_info
+
+    if args.zoo_cmd == "list":
+        for name, e in ZOO.items():
+            info = model_info(name)
+            trained = (f"trained {info.get('steps_done')} steps in {info.get('train_seconds')} s"
+                       if info else "not trained (run `vision-eff zoo train " + name + "`)")
+            print(f"{name:18s} {e.kind:10s} {trained}\n    {e.description}")
+        return 0
+    if args.zoo_cmd == "train":
+        from .gallery import check_writable
+        from .zoo.train import train
+
+        if args.out:
+            check_writable(args.out)
+        path = train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     out=args.out, threads=args.threads)
+        print(f"wrote {path}")
+        return 0
+    return int(_load_main(BENCHES["zoo"][0])(list(args.args)) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse already printed a one-line usage error (code 2) or help (0)
+        return int(exc.code or 0)
+    from .zoo.weights import WeightsError
+    from ._patching import UnsupportedModelError
+
+    try:
+        if args.cmd == "generate":
+            from .main_job import run
+
+            return run(args)
+        if args.cmd == "bench":
+            return _bench(args)
+        if args.cmd == "zoo":
+            return _zoo(args)
+        if args.cmd in GROUPS:
+            return int(_load_main(GROUPS[args.cmd][0])(list(args.args)) or 0)
+    except (UsageError, ValueError, KeyError, WeightsError, UnsupportedModelError, OSError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"vision-eff: error: {msg}", file=sys.stderr)
+        return 2
+    parser.error(f"unknown command {args.cmd}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""``vision-eff bench vit``: token merging / pruning / cheaper mixers on timm ViTs (CPU or GPU).
+
+1. The built-in ViT (``shapes-vit``, trained): accuracy on the 2048 held-out images, throughput,
+   FLOPs, top-1 agreement and KL against the unpatched model, versus r, pruning, and the pooling mixer.
+2. Standard timm architectures with random weights (pretrained=False): throughput at several batch
+   sizes against unpatched timm (fused attention on), agreement and KL on random images.
+
+Writes a Markdown table (machine, versions, commit, exact command) and a merge-map picture.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn import functional as F
+
+import vision_eff as ve
+
+__all__ = ["main", "time_forward", "flops_per_image", "agreement"]
+
+TIMM_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit3_base_patch16_224", "eva02_base_patch14_224")
+
+
+def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: int = 1) -> float:
+    """Median seconds of one forward (inference mode) after ``warmup`` calls."""
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            model(x)
+        for _ in range(max(1, iters)):
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(x)
+            if x.is_cuda:
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class _SDPAFlops(torch.overrides.TorchFunctionMode):
+    """Counts ``F.scaled_dot_product_attention`` FLOPs (torch's flop counter misses the CPU kernels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k = args[0], args[1]
+            # q k^T and (attention) v: two matmuls of 2 FLOPs per multiply-add
+            self.flops += 4 * q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
+        return func(*args, **kwargs)
+
+
+def flops_per_image(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward per image: torch's flop counter (matmuls, convolutions) + SDPA counted by shape."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter, sdpa = FlopCounterMode(display=False), _SDPAFlops()
+    with counter, sdpa, torch.inference_mode():
+        model(x)
+    return (counter.get_total_flops() + sdpa.flops) / x.shape[0]
+
+
+def agreement(ref_logits: torch.Tensor, logits: torch.Tensor) -> tuple[float, float]:
+    """(top-1 agreement, mean KL(ref || other)) between two sets of logits."""
+    agree = (ref_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
+    kl = F.kl_div(logits.float().log_softmax(-1), ref_logits.float().log_softmax(-1), log_target=True,
+                  reduction="batchmean").item()
+    return agree, kl
+
+
+def _environment() -> list[str]:
+    import timm
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+        commit += " (+ uncommitted changes)" if dirty else ""
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        commit = "none (no commit yet)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {cpu}, {torch.get_num_threads()} threads"
+    return [f"- device: {dev}", f"- torch {torch.__version__}, timm {timm.__version__}, python {platform.python_version()}",
+            f"- commit: {commit}", f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"]
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def _builtin_settings(depth: int, mixer_weights: Path | None) -> list[tuple[str, Callable[[], list]]]:
+    from .mixer import MixerSwap
+
+    s: list[tuple[str, Callable[[], list]]] = [("unpatched", lambda: [])]
+    for r in (16, 24, 32, 40):
+        s.append((f"TokenMerge(r={r})", lambda r=r: [ve.TokenMerge(r=r)]))
+    for k in (0.25, 0.15):
+        s.append((f"TokenMerge(keep={k}, decreasing)", lambda k=k: [ve.TokenMerge(keep=k, schedule="decreasing")]))
+    for k in (0.7, 0.5):
+        s.append((f"TokenPrune(keep={k})", lambda k=k: [ve.TokenPrune(keep=k)]))
+    s.append(("MixerSwap(blocks=(0,1)) no recovery", lambda: [MixerSwap(blocks=(0, 1))]))
+    if mixer_weights is not None:
+        s.append(("MixerSwap(blocks=(0,1)) recovered", lambda: [MixerSwap(blocks=(0, 1), weights=str(mixer_weights))]))
+    return s
+
+
+def bench_builtin(args, lines: list[str]) -> None:
+    from ..zoo import data
+    from ..zoo.weights import WeightsError, weights_path
+    from .builtin import IMAGE_SIZE, build_vit, load_vit, predict
+
+    try:
+        model = load_vit()
+        note = "trained weights"
+    except WeightsError as exc:
+        if not args.smoke:
+            lines += ["## Built-in ViT", "", f"skipped: {exc}", ""]
+            print(f"[bench vit] built-in ViT skipped: {exc}", file=sys.stderr)
+            return
+        model, note = build_vit(depth=2, embed_dim=48, num_heads=3).eval(), "random weights (smoke run)"
+    count = 64 if args.smoke else data.EVAL_SIZE
+    x, y = data.eval_split(IMAGE_SIZE, count)
+    xb = x[: args.builtin_batch]
+    mixer_path = weights_path("shapes-vit-poolmixer")
+    settings = _builtin_settings(len(model.blocks), mixer_path if mixer_path.exists() and not args.smoke else None)
+    ref_logits, base_time, rows = None, None, []
+    for name, make in settings:
+        techniques = make()
+        try:
+            handle = ve.apply(model, *techniques) if techniques else None
+        except (ve.UnsupportedModelError, ValueError) as exc:
+            rows.append([name, f"n/a ({exc})", "", "", "", "", "", ""])
+            continue
+        try:
+            logits = predict(model, x, batch_size=256)
+            t = time_forward(model, xb, args.iters)
+            fl = flops_per_image(model, x[:1])
+        finally:
+            if handle is not None:
+                handle.remove()
+        acc = (logits.argmax(1) == y).float().mean().item()
+        if ref_logits is None:
+            ref_logits, base_time, base_acc = logits, t, acc
+        agree, kl = agreement(ref_logits, logits)
+        rows.append([name, f"{100 * acc:.2f}", f"{100 * (acc - base_acc):+.2f}", f"{xb.shape[0] / t:.1f}",
+                     f"{base_time / t:.2f}x", f"{fl / 1e9:.3f}", f"{100 * agree:.2f}", f"{kl:.4f}"])
+        print(f"[bench vit] built-in {name}: acc {100 * acc:.2f} speed {base_time / t:.2f}x", flush=True)
+    lines += ["## Built-in ViT (shapes-vit, 64x64, patch 4, 257 tokens, depth 6, width 192)", "",
+              f"{note}; accuracy on {count} held-out images; throughput at batch {xb.shape[0]} "
+              f"(median of {args.iters}); FLOPs per image from torch's flop counter; agreement and KL against the "
+              "unpatched model's predictions.", ""]
+    lines += _table(["setting", "top-1 %", "delta", "img/s", "speed-up", "GFLOPs/img", "top-1 agree %", "KL"], rows)
+    lines.append("")
+    if args.gallery:
+        _merge_gallery(model, x[:8], Path(args.gallery))
+
+
+def _merge_gallery(model, images: torch.Tensor, folder: Path) -> None:
+    """Each image next to its merge map (every patch coloured with its merged token's mean colour)."""
+    from PIL import Image
+
+    from ..zoo.data import to_uint8
+
+    rows = [to_uint8(images)]
+    ph = images.shape[-1] // model.patch_embed.grid_size[0]
+    g = model.patch_embed.grid_size
+    p = model.num_prefix_tokens
+    for r in (16, 32):
+        handle = ve.apply(model, ve.TokenMerge(r=r))
+        with torch.inference_mode():
+            model(images)
+        inv = handle.parts[0].state["tokens"].last_inv
+        handle.remove()
+        patches = images.unfold(2, ph, ph).unfold(3, ph, ph).mean((-1, -2)).flatten(2).transpose(1, 2)  # [B, HW, 3]
+        groups = inv[:, p:] - 0
+        out = torch.zeros(images.shape[0], groups.max().item() + 1, 3).scatter_add(
+            1, groups.unsqueeze(-1).expand(-1, -1, 3), patches)
+        count = torch.zeros(images.shape[0], out.shape[1], 1).scatter_add(
+            1, groups.unsqueeze(-1), torch.ones_like(patches[..., :1]))
+        col = (out / count.clamp_min(1)).gather(1, groups.unsqueeze(-1).expand(-1, -1, 3))
+        col = col.transpose(1, 2).reshape(-1, 3, g[0], g[1])
+        col = F.interpolate(col, scale_factor=ph, mode="nearest")
+        rows.append(to_uint8(col))
+    grid = torch.cat([torch.cat(list(r), dim=1) for r in rows], dim=0).numpy()
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(folder / "merge_maps.png")
+
+
+def bench_timm(args, lines: list[str]) -> None:
+    import timm
+
+    batches = [int(b) for b in args.batches.split(",")]
+    rs = [int(r) for r in args.r.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        kw = dict(pretrained=False)
+        if args.smoke:
+            kw.update(img_size=64, depth=2, embed_dim=64, num_heads=2)
+        torch.manual_seed(0)
+        model = timm.create_model(name, **kw).eval()
+        size = model.patch_embed.img_size
+        gen = torch.Generator().manual_seed(0)
+        xa = torch.randn(8, 3, *size, generator=gen)
+        with torch.inference_mode():
+            ref = model(xa)
+        flops = {0: flops_per_image(model, xa[:1])}
+        for r in rs:
+            try:
+                with ve.patched(model, ve.TokenMerge(r=r)):
+                    flops[r] = flops_per_image(model, xa[:1])
+            except ve.UnsupportedModelError:
+                flops[r] = float("nan")
+        for b in batches:
+            x = torch.randn(b, 3, *size, generator=gen)
+            base = time_forward(model, x, args.iters)
+            row = [name, b, f"{flops[0] / 1e9:.2f}", f"{b / base:.2f}"]
+            for r in rs:
+                try:
+                    with ve.patched(model, ve.TokenMerge(r=r)):
+                        t = time_forward(model, x, args.iters)
+                        with torch.inference_mode():
+                            agree, kl = agreement(ref, model(xa))
+                    row += [f"{flops[r] / 1e9:.2f}", f"{b / t:.2f} ({base / t:.2f}x)", f"{100 * agree:.0f} / {kl:.4f}"]
+                except ve.UnsupportedModelError as exc:
+                    row += ["", f"n/a ({exc})", ""]
+            rows.append(row)
+            print(f"[bench vit] {name} batch {b}: " + " | ".join(map(str, row[2:])), flush=True)
+    header = ["model", "batch", "GFLOPs/img", "unpatched img/s"]
+    for r in rs:
+        header += [f"r={r} GFLOPs/img", f"r={r} img/s (speed-up)", f"r={r} agree % / KL"]
+    lines += ["## timm architectures, random weights (pretrained=False)", "",
+              f"Unpatched timm with fused attention (SDPA) against TokenMerge(r); median of {args.iters} after a "
+              "warm-up; agreement and KL on 8 random images (random weights: a structure check, not accuracy).", ""]
+    lines += _table(header, rows)
+    lines.append("")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vision-eff bench vit", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default=",".join(TIMM_MODELS), help="timm model names (comma-separated)")
+    p.add_argument("--batches", default="1,8,64", help="batch sizes for the timm models")
+    p.add_argument("--r", default="16", help="TokenMerge r values for the timm models (comma-separated)")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per measurement (median)")
+    p.add_argument("--builtin-batch", type=int, default=64, help="batch size for the built-in ViT's throughput")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--skip-builtin", action="store_true")
+    p.add_argument("--skip-timm", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks the command, numbers mean nothing")
+    p.add_argument("--out", default="notes/results/vit.md", help="Markdown table to write")
+    p.add_argument("--gallery", default="gallery/vit", help="folder for the merge-map picture ('' for none)")
+    args = p.parse_args(argv)
+    if args.iters < 1:
+        p.error("--iters must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "vision-eff bench vit " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["# vision-eff bench vit", "", *_environment(), f"- command: `{command.strip()}`", ""]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not args.skip_builtin:
+        bench_builtin(args, lines)
+        out.write_text("\n".join(lines) + "\n")  # partial results survive an interrupted run
+    if not args.skip_timm:
+        bench_timm(args, lines)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"[bench vit] wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,67 @@
+"""The built-in zoo: procedurally generated data, small trained models, their pipelines.
+
+    pipe = vision_eff.zoo.load_pipeline("shapes-unet")
+    images = pipe(class_labels=[0, 3], num_inference_steps=20, generator=torch.manual_seed(0)).images
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import CLASSES, NUM_CLASSES, ShapesDataset
+from .models import SCHEDULE_CONFIG, ZOO, ZooEntry, build, entry
+from .weights import WeightsError, load_into, read_metadata, weights_path
+
+__all__ = ["CLASSES", "NUM_CLASSES", "ShapesDataset", "ZOO", "ZooEntry", "WeightsError", "load_model",
+           "load_pipeline", "default_scheduler", "model_info", "SCHEDULE_CONFIG"]
+
+
+def model_info(name: str) -> dict:
+    """The training record stored in a model's weights file (empty when not trained yet)."""
+    path = weights_path(entry(name).name)
+    return read_metadata(path) if path.exists() else {}
+
+
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
+    """A zoo model's trained components (eval mode), keyed by component name; offline, safetensors only."""
+    e = entry(name)
+    modules = build(e.name)
+    load_into(modules, weights_path(e.name), e.name)
+    for m in modules.values():
+        m.to(device=device)
+        if dtype != torch.float32:
+            m.to(dtype=dtype)
+        m.eval().requires_grad_(False)
+    return modules
+
+
+def default_scheduler(name: str):
+    """diffusers' default DPM-Solver++ (2M) for a zoo model's noise schedule and prediction type."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    e = entry(name)
+    if e.prediction_type is None:
+        raise ValueError(f"{name!r} is not a diffusion model")
+    return DPMSolverMultistepScheduler(**SCHEDULE_CONFIG, prediction_type=e.prediction_type)
+
+
+def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """A diffusers pipeline for a built-in diffusion model (``shapes-unet`` or ``shapes-dit``).
+
+    ``scheduler`` defaults to diffusers' DPM-Solver++ multistep; any diffusers scheduler built with
+    ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards.
+    """
+    from .pipeline import ShapesDiTPipeline, ShapesUNetPipeline
+
+    e = entry(name)
+    if e.kind not in ("unet", "dit"):
+        raise ValueError(f"{name!r} is a {e.kind}, not a diffusion model; pipelines exist for "
+                         f"{', '.join(n for n, z in ZOO.items() if z.kind in ('unet', 'dit'))}")
+    modules = load_model(name, device=device, dtype=dtype)
+    scheduler = scheduler if scheduler is not None else default_scheduler(name)
+    if e.kind == "unet":
+        pipe = ShapesUNetPipeline(unet=modules["unet"], label_encoder=modules["label_encoder"], scheduler=scheduler)
+    else:
+        pipe = ShapesDiTPipeline(transformer=modules["transformer"], scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,140 @@
+"""Built-in model definitions: the zoo's configs and the small modules around diffusers models.
+
+``ZOO`` maps a model name to a :class:`ZooEntry` (what the model is, how it is built,
+how it is trained). Weights live in ``vision_eff/zoo/weights/NAME.safetensors`` and are
+produced by ``vision-eff zoo train NAME``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from .data import NUM_CLASSES
+
+
+class LabelEncoder(ModelMixin, ConfigMixin):
+    """Class label -> a short sequence of cross-attention tokens (the 'text encoder').
+
+    Index ``NUM_CLASSES`` is the null label used for classifier-free guidance.
+    """
+
+    @register_to_config
+    def __init__(self, num_classes: int = NUM_CLASSES, tokens: int = 4, dim: int = 64):
+        super().__init__()
+        self.num_classes, self.tokens, self.dim = num_classes, tokens, dim
+        self.embed = nn.Embedding(num_classes + 1, tokens * dim)
+        nn.init.normal_(self.embed.weight, std=0.5)
+        self.norm = nn.LayerNorm(dim)
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        e = self.embed(labels).view(labels.shape[0], self.tokens, self.dim)
+        return self.norm(e)
+
+
+class ShapesClassifier(nn.Module):
+    """The evaluator's classifier. ``features()`` is the space the Frechet distance uses."""
+
+    feature_dim = 128
+
+    def __init__(self, num_classes: int = NUM_CLASSES):
+        super().__init__()
+
+        def block(cin, cout):
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+                nn.Conv2d(cout, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.SiLU(),
+            )
+
+        self.body = nn.Sequential(
+            block(3, 32), nn.AvgPool2d(2),  # 16
+            block(32, 64), nn.AvgPool2d(2),  # 8
+            block(64, self.feature_dim),
+        )
+        self.head = nn.Linear(self.feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 32:
+            x = nn.functional.interpolate(x, size=(32, 32), mode="bilinear", antialias=True, align_corners=False)
+        return self.body(x).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+UNET_CONFIG = dict(
+    sample_size=32, in_channels=3, out_channels=3,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64), layers_per_block=1, cross_attention_dim=64,
+    attention_head_dim=1,  # diffusers' legacy name: this is the number of heads (head dim = width)
+    norm_num_groups=8,
+)
+
+DIT_CONFIG = dict(
+    num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
+    sample_size=32, patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_num_groups=32,
+)
+
+# The noise schedule both diffusion models are trained with (DDPM, linear betas for pixels).
+SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    kind: str  # "unet" | "dit" | "classifier"
+    description: str
+    prediction_type: str | None = None
+    train: dict = field(default_factory=dict)  # default training recipe
+
+
+ZOO: dict[str, ZooEntry] = {
+    "shapes-unet": ZooEntry(
+        "shapes-unet", "unet",
+        "class-conditional UNet2DConditionModel (SD in miniature: cross-attention on label tokens, "
+        "self-attention at 32x32 and 16x16), 32x32 RGB, v prediction (fine-tuned from an epsilon-prediction "
+        "pretraining stage)",
+        prediction_type="v_prediction",
+        train=dict(steps=600, batch_size=16, lr=3e-4, seed=0, label_dropout=0.1, ema=0.995, bf16=True,
+                   pretrain=dict(prediction_type="epsilon", steps=2400, lr=7e-4)),
+    ),
+    "shapes-dit": ZooEntry(
+        "shapes-dit", "dit",
+        "class-conditional DiTTransformer2DModel (patch 2, 256 tokens, adaLN-zero), 32x32 RGB, v prediction",
+        prediction_type="v_prediction",
+        train=dict(steps=2000, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True),
+    ),
+    "shapes-classifier": ZooEntry(
+        "shapes-classifier", "classifier",
+        "the evaluator: a 7-layer CNN classifier whose 128-d pooled features define FD",
+        train=dict(steps=2000, batch_size=64, lr=2e-3, seed=0),
+    ),
+}
+
+
+def entry(name: str) -> ZooEntry:
+    if name not in ZOO:
+        raise KeyError(f"unknown model {name!r}; built-in models are: {', '.join(ZOO)}")
+    return ZOO[name]
+
+
+def build(name: str) -> dict[str, nn.Module]:
+    """Fresh (untrained) modules of a zoo model, keyed by component name."""
+    e = entry(name)
+    if e.kind == "unet":
+        from diffusers import UNet2DConditionModel
+
+        return {"unet": UNet2DConditionModel(**UNET_CONFIG), "label_encoder": LabelEncoder(dim=UNET_CONFIG["cross_attention_dim"])}
+    if e.kind == "dit":
+        from diffusers import DiTTransformer2DModel
+
+        return {"transformer": DiTTransformer2DModel(**DIT_CONFIG)}
+    return {"classifier": ShapesClassifier()}

@@ -1,0 +1,206 @@
+"""Training of the built-in models (``vision-eff zoo train NAME``).
+
+Runs through ``accelerate`` so the same loop runs on one CPU or many GPUs; every rank
+reads its own slice of the deterministic data stream. The exponential moving average of
+the weights is what gets saved, together with the recipe (seed, steps, batch, data,
+wall time) as safetensors metadata. A checkpoint is written every ``save_every`` steps,
+so an interrupted run still leaves usable weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data
+from .models import NUM_CLASSES, SCHEDULE_CONFIG, build, entry
+from .weights import save, weights_path
+
+
+def _stream(batch_size: int, size: int, rank: int = 0, world: int = 1, start_step: int = 0):
+    """Deterministic training batches: step s of rank r is train samples [(s*world+r)*B, +B)."""
+    step = start_step
+    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    while True:
+        start = (step * world + rank) * batch_size
+        xs, ys = [], []
+        for c in range(start // data.CHUNK, (start + batch_size - 1) // data.CHUNK + 1):
+            if c not in cache:
+                cache.clear() if len(cache) > 2 else None
+                cache[c] = data.chunk("train", c, size)
+            lo = max(start - c * data.CHUNK, 0)
+            hi = min(start + batch_size - c * data.CHUNK, data.CHUNK)
+            xs.append(cache[c][0][lo:hi])
+            ys.append(cache[c][1][lo:hi])
+        yield torch.cat(xs), torch.cat(ys)
+        step += 1
+
+
+def _lr_lambda(total: int, warmup: int = 100):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+@torch.no_grad()
+def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+class _Objective(nn.Module):
+    """Holds a zoo model's components and computes its training loss (one forward for DDP)."""
+
+    def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
+                 prediction_type: str | None = None):
+        super().__init__()
+        self.entry = entry(name)
+        self.prediction_type = prediction_type or self.entry.prediction_type
+        self.parts = nn.ModuleDict(modules)
+        self.label_dropout = label_dropout
+        if self.entry.kind != "classifier":
+            from diffusers import DDPMScheduler
+
+            self.register_buffer("alphas_cumprod", DDPMScheduler(**SCHEDULE_CONFIG).alphas_cumprod.float(), persistent=False)
+
+    def forward(self, x0: torch.Tensor, labels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        e, b = self.entry, x0.shape[0]
+        if e.kind == "classifier":
+            logits = self.parts["classifier"](_augment(x0, gen).to(x0.device))
+            return nn.functional.cross_entropy(logits.float(), labels)
+        t = torch.randint(0, SCHEDULE_CONFIG["num_train_timesteps"], (b,), generator=gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+        a = self.alphas_cumprod[t].view(b, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        if e.kind == "unet":
+            drop = (torch.rand(b, generator=gen) < self.label_dropout).to(x0.device)
+            labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
+            ctx = self.parts["label_encoder"](labels)
+            out = self.parts["unet"](xt, t, encoder_hidden_states=ctx).sample
+        else:  # the DiT's own label embedding drops labels with p=0.1 in training mode
+            out = self.parts["transformer"](xt, t, class_labels=labels).sample
+        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        return nn.functional.mse_loss(out.float(), target)
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Classifier augmentation so features stay meaningful on imperfect generated images."""
+    b = x.shape[0]
+    flip = torch.rand(b, generator=gen) < 0.5
+    x = torch.where(flip.view(b, 1, 1, 1), x.flip(-1), x)
+    blur = torch.rand(b, generator=gen) < 0.3
+    xb = nn.functional.avg_pool2d(nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    x = torch.where(blur.view(b, 1, 1, 1), xb, x)
+    sigma = torch.rand(b, 1, 1, 1, generator=gen) * 0.15
+    return (x + sigma * torch.randn(x.shape, generator=gen)).clamp(-1, 1)
+
+
+def train(name: str, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
+          seed: int | None = None, out: str | Path | None = None, save_every: int = 250,
+          progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
+          prediction_type: str | None = None) -> Path:
+    """Train a zoo model from scratch and write its weights; returns the weights path.
+
+    A recipe with a ``pretrain`` stage (e.g. epsilon prediction first, then v prediction) runs that
+    stage first unless ``init_from`` names weights that stage already produced.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    e = entry(name)
+    recipe = dict(e.train)
+    for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed).items():
+        if v is not None:
+            recipe[k] = v
+    if recipe["steps"] < 1:
+        raise ValueError(f"steps must be >= 1, got {recipe['steps']}")
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out) if out is not None else weights_path(name)
+    pre = recipe.pop("pretrain", None)
+    if pre is not None and init_from is None and prediction_type is None:
+        init_from = out.with_name(out.stem + "-pretrain.safetensors")
+        train(name, steps=pre["steps"], lr=pre["lr"], batch_size=recipe["batch_size"], seed=recipe["seed"],
+              out=init_from, save_every=save_every, progress=progress, threads=threads,
+              prediction_type=pre["prediction_type"])
+    if pre is not None:
+        recipe["pretrain"] = pre
+    prediction_type = prediction_type or e.prediction_type
+    accel = Accelerator(mixed_precision="bf16" if recipe.get("bf16") else "no")
+    torch.manual_seed(recipe["seed"])
+    modules = build(name)
+    if init_from is not None:
+        from .weights import load_into
+
+        load_into(modules, init_from, name)
+    params = [p for m in modules.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
+    objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type)
+    wrapped, opt, sched = accel.prepare(objective, opt, sched)
+    raw = accel.unwrap_model(wrapped).parts
+    ema = copy.deepcopy(raw).eval() if "ema" in recipe else None
+    gen = torch.Generator().manual_seed(recipe["seed"] * 7919 + accel.process_index)
+    stream = _stream(recipe["batch_size"], 32, accel.process_index, accel.num_processes)
+    t0 = time.time()
+    wrapped.train()
+    bar = tqdm(range(recipe["steps"]), desc=f"train {name}", disable=not (progress and accel.is_main_process))
+    ema_loss = None
+
+    def checkpoint(step: int, final: bool) -> None:
+        if not accel.is_main_process:
+            return
+        meta = dict(
+            model=name, kind=e.kind, recipe=recipe, steps_done=step, final=final,
+            prediction_type=prediction_type, init_from=Path(init_from).name if init_from else None,
+            samples_seen=step * recipe["batch_size"] * accel.num_processes,
+            data="vision_eff.zoo.data train split, 32x32, sample (step*world+rank)*batch onwards",
+            train_seconds=round(time.time() - t0, 1), processes=accel.num_processes,
+            machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
+            torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5),
+        )
+        if e.kind == "classifier":
+            meta["eval_accuracy"] = round(_classifier_accuracy(raw["classifier"]), 5)
+        target = ema if ema is not None else raw
+        save({k: target[k] for k in modules}, out, meta)
+
+    for step in bar:
+        x, y = next(stream)
+        x, y = x.to(accel.device), y.to(accel.device)
+        with accel.autocast():
+            loss = wrapped(x, y, gen)
+        accel.backward(loss)
+        accel.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None:
+            _ema_update(ema, raw, min(recipe["ema"], (1 + step) / (10 + step)))
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if save_every and (step + 1) % save_every == 0 and step + 1 < recipe["steps"]:
+            checkpoint(step + 1, final=False)
+    checkpoint(recipe["steps"], final=True)
+    accel.wait_for_everyone()
+    return out
+
+
+@torch.no_grad()
+def _classifier_accuracy(model: nn.Module) -> float:
+    was = model.training
+    model.eval()
+    x, y = data.eval_split(32)
+    acc = (model(x).argmax(1) == y).float().mean().item()
+    model.train(was)
+    return acc
