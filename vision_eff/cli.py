@@ -149,10 +149,15 @@ def _zoo(args) -> int:
         return 0
     if args.zoo_cmd == "train":
         from .gallery import check_writable
+        from .zoo import entry
         from .zoo.train import train
 
         if args.out:
             check_writable(args.out)
+        if entry(args.name).kind == "vit":
+            from .vit.builtin import train_vit
+
+            train = lambda name, **kw: train_vit(**kw)  # noqa: E731 - the ViT has its own recipe
         path = train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      out=args.out, threads=args.threads)
         print(f"wrote {path}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import vision_eff as ve
-from cache.tiny import ALL, output, pipelines, sd_unet, unet_inputs
+from tests.cache.tiny import ALL, output, pipelines, sd_unet, unet_inputs
 from vision_eff.cache.blocks import transformer_blocks
 
 KINDS = ["unet", "dit"]

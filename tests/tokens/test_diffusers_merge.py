@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import vision_eff as ve
-from cache.tiny import ALL, output, sd_unet, sdxl_unet, subset, unet_inputs
+from tests.cache.tiny import ALL, output, sd_unet, sdxl_unet, subset, unet_inputs
 from vision_eff.tokens.diffusers import ReducedAttention, self_attentions
 from vision_eff.zoo.models import LabelEncoder
 

@@ -112,6 +112,11 @@ ZOO: dict[str, ZooEntry] = {
         prediction_type="v_prediction",
         train=dict(steps=2000, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True),
     ),
+    "shapes-vit": ZooEntry(
+        "shapes-vit", "vit",
+        "timm VisionTransformer classifier for token merging: 64x64 input, patch 4 (256 patch tokens + class), "
+        "depth 6, width 128 (trained by vision_eff.vit.builtin.train_vit)",
+    ),
     "shapes-classifier": ZooEntry(
         "shapes-classifier", "classifier",
         "the evaluator: a 7-layer CNN classifier whose 128-d pooled features define FD",
@@ -137,4 +142,8 @@ def build(name: str) -> dict[str, nn.Module]:
         from diffusers import DiTTransformer2DModel
 
         return {"transformer": DiTTransformer2DModel(**DIT_CONFIG)}
+    if e.kind == "vit":
+        from ..vit.builtin import build_vit
+
+        return {"vit": build_vit()}
     return {"classifier": ShapesClassifier()}
