@@ -113,7 +113,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     """Train a zoo model from scratch and write its weights; returns the weights path.
 
     A recipe with a ``pretrain`` stage (e.g. epsilon prediction first, then v prediction) runs that
-    stage first unless ``init_from`` names weights that stage already produced.
+    stage first unless ``init_from`` names weights that stage already produced or ``steps`` is given
+    (then only the final stage is trained, from scratch).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -129,12 +130,13 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
         torch.set_num_threads(threads)
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
-    if pre is not None and init_from is None and prediction_type is None:
+    # the pretraining stage belongs to the full recipe: an explicit --steps trains the final stage alone
+    if pre is not None and init_from is None and prediction_type is None and steps is None:
         init_from = out.with_name(out.stem + "-pretrain.safetensors")
         train(name, steps=pre["steps"], lr=pre["lr"], batch_size=recipe["batch_size"], seed=recipe["seed"],
               out=init_from, save_every=save_every, progress=progress, threads=threads,
               prediction_type=pre["prediction_type"])
-    if pre is not None:
+    if pre is not None and init_from is not None:
         recipe["pretrain"] = pre
     prediction_type = prediction_type or e.prediction_type
     accel = Accelerator(mixed_precision="bf16" if recipe.get("bf16") else "no")
