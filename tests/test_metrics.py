@@ -22,11 +22,11 @@ def test_frechet_distance_matches_scipy_sqrtm_in_float64():
 def test_psnr_exact():
     a = torch.zeros(2, 3, 8, 8)
     b = a.clone()
-    b[0] += 0.1  # mse 0.01 -> 10*log10(4/0.01)
-    b[1] += 0.2
+    b[0] += 0.125  # exact in float32: mse 1/64 -> 10*log10(4*64)
+    b[1, :, :4] += 0.25  # half the pixels off by 1/4: mse 1/32
     got = metrics.psnr(b, a)
-    assert got[0].item() == pytest.approx(10 * np.log10(4 / 0.01), rel=1e-9)
-    assert got[1].item() == pytest.approx(10 * np.log10(4 / 0.04), rel=1e-9)
+    assert got[0].item() == pytest.approx(10 * np.log10(4 * 64), rel=1e-12)
+    assert got[1].item() == pytest.approx(10 * np.log10(4 * 32), rel=1e-12)
 
 
 def _ssim_naive(x, y, window=11, sigma=1.5):

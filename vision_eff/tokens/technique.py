@@ -14,6 +14,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from .._validate import check_int as _check_int
+
 __all__ = ["TokenMerge", "TokenPrune"]
 
 _SCHEDULES = ("constant", "decreasing")
@@ -42,11 +44,6 @@ def _diffusers_adapter():
         if exc.name != "vision_eff.tokens.diffusers":
             raise
         return None
-
-
-def _check_int(name: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
 
 
 @dataclass(frozen=True)

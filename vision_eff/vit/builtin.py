@@ -77,14 +77,10 @@ def train_vit(steps: int | None = None, batch_size: int | None = None, lr: float
     Training stops after ``steps`` or ``max_minutes`` of wall-clock, whichever comes first; the
     learning-rate schedule follows whichever is further along, so it always ends annealed.
     """
-    recipe = dict(TRAIN_RECIPE)
-    for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, bf16=bf16, max_minutes=max_minutes).items():
-        if v is not None:
-            recipe[k] = v
-    if recipe["steps"] < 1:
-        raise ValueError(f"steps must be >= 1, got {recipe['steps']}")
-    if threads:
-        torch.set_num_threads(threads)
+    from ..zoo.train import recipe_with
+
+    recipe = recipe_with(TRAIN_RECIPE, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         bf16=bf16, max_minutes=max_minutes)
     out = Path(out) if out is not None else weights_path(NAME)
     torch.manual_seed(recipe["seed"])
     model = build_vit()

@@ -41,6 +41,17 @@ def _stream(batch_size: int, size: int, rank: int = 0, world: int = 1, start_ste
         step += 1
 
 
+def recipe_with(defaults: dict, threads: int | None = None, **overrides) -> dict:
+    """A training recipe: ``defaults`` with the non-None ``overrides``; validates steps, sets CPU threads."""
+    recipe = dict(defaults)
+    recipe.update({k: v for k, v in overrides.items() if v is not None})
+    if recipe["steps"] < 1:
+        raise ValueError(f"steps must be >= 1, got {recipe['steps']}")
+    if threads:
+        torch.set_num_threads(threads)
+    return recipe
+
+
 def _lr_lambda(total: int, warmup: int = 100):
     def f(step: int) -> float:
         if step < warmup:
@@ -120,14 +131,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     from tqdm.auto import tqdm
 
     e = entry(name)
-    recipe = dict(e.train)
-    for k, v in dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed).items():
-        if v is not None:
-            recipe[k] = v
-    if recipe["steps"] < 1:
-        raise ValueError(f"steps must be >= 1, got {recipe['steps']}")
-    if threads:
-        torch.set_num_threads(threads)
+    recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
     # the pretraining stage belongs to the full recipe: an explicit --steps trains the final stage alone
