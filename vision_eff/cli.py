@@ -150,16 +150,19 @@ def _zoo(args) -> int:
     if args.zoo_cmd == "train":
         from .gallery import check_writable
         from .zoo import entry
-        from .zoo.train import train
 
         if args.out:
             check_writable(args.out)
-        if entry(args.name).kind == "vit":
+        kwargs = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
+                      threads=args.threads)
+        if entry(args.name).kind == "vit":  # the ViT classifier has its own training loop
             from .vit.builtin import train_vit
 
-            train = lambda name, **kw: train_vit(**kw)  # noqa: E731 - the ViT has its own recipe
-        path = train(args.name, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     out=args.out, threads=args.threads)
+            path = train_vit(**kwargs)
+        else:
+            from .zoo.train import train
+
+            path = train(args.name, **kwargs)
         print(f"wrote {path}")
         return 0
     return int(_load_main(BENCHES["zoo"][0])(list(args.args)) or 0)

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..zoo import data
+from ..zoo.train import recipe_with
 from ..zoo.weights import load_into, save, weights_path
 
 __all__ = ["NAME", "VIT_CONFIG", "TRAIN_RECIPE", "batches", "build_vit", "train_vit", "load_vit", "evaluate", "predict"]
@@ -77,8 +78,6 @@ def train_vit(steps: int | None = None, batch_size: int | None = None, lr: float
     Training stops after ``steps`` or ``max_minutes`` of wall-clock, whichever comes first; the
     learning-rate schedule follows whichever is further along, so it always ends annealed.
     """
-    from ..zoo.train import recipe_with
-
     recipe = recipe_with(TRAIN_RECIPE, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          bf16=bf16, max_minutes=max_minutes)
     out = Path(out) if out is not None else weights_path(NAME)
