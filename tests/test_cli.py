@@ -19,6 +19,8 @@ def run_cli(*args):
     (["generate", "--labels", "9", "--no-compare"], "class label 9 is out of range"),
     (["zoo", "train", "nope"], "invalid choice"),
     (["bench", "bogus"], "invalid choice"),
+    (["zoo", "train", "shapes-unet", "--init-from", "/nonexistent.safetensors"], "no weights file"),
+    (["generate", "--cache-interval", "0"], "--cache-interval must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):
     r = run_cli(*args)

@@ -63,7 +63,10 @@ def _add_generate(sub) -> None:
     diffusion = [n for n, e in ZOO.items() if e.kind in ("unet", "dit")]
     p.add_argument("--model", default="shapes-unet", choices=diffusion, help="built-in model (default: shapes-unet)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=None,
-                   help="model calls for the fast configuration (default: the preset's)")
+                   help="sampler steps for the fast configuration (default: the preset's)")
+    p.add_argument("--cache-interval", type=_positive_int("--cache-interval"), default=None,
+                   help="StepCache: compute the deep branch every N steps in the fast configuration "
+                        "(1 = no caching; default: the preset's)")
     p.add_argument("--labels", type=int, nargs="+", default=None, metavar="L",
                    help="class labels for the grid (default: every class); 0..7")
     p.add_argument("--per-class", type=_positive_int("--per-class"), default=8, help="grid columns per class")
@@ -93,6 +96,9 @@ def _add_zoo(sub) -> None:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.add_argument("--out", default=None, help="weights path (default: the packaged weights file)")
+    t.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                   help="continue from these weights (skips the recipe's pretraining stages; the run reads "
+                        "fresh data after what those weights saw, and the metadata keeps their history)")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -155,6 +161,12 @@ def _zoo(args) -> int:
             check_writable(args.out)
         kwargs = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
                       threads=args.threads)
+        if args.init_from is not None:
+            if not Path(args.init_from).is_file():
+                raise UsageError(f"--init-from: no weights file at {args.init_from}")
+            if entry(args.name).kind in ("vit", "classifier"):
+                raise UsageError(f"--init-from is for the diffusion models, not {args.name}")
+            kwargs["init_from"] = args.init_from
         if entry(args.name).kind == "vit":  # the ViT classifier has its own training loop
             from .vit.builtin import train_vit
 

@@ -43,15 +43,43 @@ def reference_configuration() -> Configuration:
     )
 
 
-def fast_configuration(model: str, steps: int | None = None) -> Configuration:
-    """The fastest configuration vision-eff has for a built-in model (see README's feature table)."""
-    from diffusers import UniPCMultistepScheduler
+# Optimized step schedules for the built-in models (``vision-eff samplers optimize NAME --out ...``).
+SCHEDULES = Path(__file__).parent / "zoo" / "schedules"
+FAST_STEPS = 8
+# StepCache pays at 25-50 steps (notes/results/diffusion.md); at 8 sampler steps every step matters, so
+# the preset leaves it off (``vision-eff generate --cache-interval 2`` turns it on).
+FAST_CACHE_INTERVAL = 1
 
-    n = steps or 10
+
+def fast_configuration(model: str, steps: int | None = None, cache_interval: int | None = None) -> Configuration:
+    """The fastest configuration vision-eff has for a built-in model (see README's feature table).
+
+    Our predictor-corrector multistep sampler on the model's optimized step schedule (when
+    ``vision_eff/zoo/schedules/MODEL.json`` has one for this step count, else its default spacing), with
+    :class:`~vision_eff.StepCache` computing the deep branch every ``cache_interval`` steps (1 = off).
+    """
+    from .cache import StepCache
+    from .samplers import PCMultistepScheduler
+    from .samplers.schedules import read_schedule_file
+
+    n = steps or FAST_STEPS
+    interval = FAST_CACHE_INTERVAL if cache_interval is None else cache_interval
+    path = SCHEDULES / f"{model}.json"
+    optimized = path.exists() and str(n) in read_schedule_file(str(path)).get("sigmas", {})
+
+    def make(pipe):
+        if optimized:
+            from .samplers.optimize import use_schedule
+
+            return use_schedule(pipe, str(path))
+        return PCMultistepScheduler.from_config(pipe.scheduler.config)
+
+    techniques = [StepCache(interval=interval, warmup=2)] if interval > 1 else []
+    cache_note = f" + StepCache (deep branch every {interval} steps after 2 full ones)" if techniques else ""
     return Configuration(
-        f"vision-eff fast ({n} steps)", n,
-        lambda pipe: UniPCMultistepScheduler.from_config(pipe.scheduler.config, final_sigmas_type="sigma_min"),
-        note="UniPC (bh2) with a final sigma_min step",
+        f"vision-eff fast ({n} steps{', cache ' + str(interval) if techniques else ''})", n, make, techniques,
+        note=f"vision-eff PCMultistepScheduler on {'the optimized schedule ' + path.name if optimized else 'its default spacing'}"
+             + cache_note,
     )
 
 
@@ -111,7 +139,7 @@ def run(args) -> int:
     n = max(args.eval_samples, args.per_class * len(classes))
     labels = balanced_labels(n, classes)
     pipe = load_pipeline(args.model)
-    fast = fast_configuration(args.model, args.steps)
+    fast = fast_configuration(args.model, args.steps, getattr(args, "cache_interval", None))
     configs = [fast] if args.no_compare else [reference_configuration(), fast]
     evaluator = Evaluator()
     results, images = [], {}

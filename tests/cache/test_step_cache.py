@@ -70,6 +70,24 @@ def test_unet_cached_step_replays_the_deep_branch_exactly():
     assert not torch.allclose(other, first, atol=1e-3)
 
 
+def test_unet_order_one_extrapolates_the_deep_branch_linearly():
+    """Oracle: a deep module's output on a cached step is f_b + (f_b - f_a) * (i - i_b) / (i_b - i_a)."""
+    unet = sd_unet(channels=4)
+    k = unet_inputs(batch=2)
+    seen = []
+    with ve.patched(unet, ve.StepCache(interval=2, warmup=0, order=1)) as h:
+        deep = unet.mid_block
+        assert deep in h.parts[0].state["deep_modules"]
+        deep.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+        for scale in (1.0, 0.9, 0.7, 0.6, 0.4):  # steps 0..4, full on 0, 2, 4
+            output(unet, dict(k, sample=k["sample"] * scale))
+        log = h.parts[0].state["schedule"].log
+    assert [full for *_, full in log] == [True, False, True, False, True]
+    torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)  # one full step known: plain reuse
+    torch.testing.assert_close(seen[3], seen[2] + (seen[2] - seen[0]) * 0.5, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(seen[2], seen[0])
+
+
 @pytest.mark.parametrize("name", ["pixart", "sd3", "flux"])
 def test_transformer_cached_step_reuses_the_residual(name):
     make, inputs = ALL[name]
@@ -88,6 +106,26 @@ def test_transformer_cached_step_reuses_the_residual(name):
     assert torch.equal(first, ref)
     torch.testing.assert_close(second, first, atol=1e-5, rtol=1e-5)
     assert torch.equal(output(model, k), ref)
+
+
+def test_probe_zero_caches_the_whole_stack():
+    """probe=0 (fixed interval): a cached step runs no block and replays the whole stack's residual."""
+    make, inputs = ALL["pixart"]
+    model = make()
+    k = inputs(batch=2)
+    calls = []
+    for blk in transformer_blocks(model):
+        next(blk.children()).register_forward_hook(lambda *a: calls.append(1))
+    n = len(transformer_blocks(model))
+    ref = output(model, k)
+    with ve.patched(model, ve.StepCache(interval=2, warmup=0, probe=0, order=0)) as h:
+        first = output(model, k)
+        second = output(model, k)
+        log = h.parts[0].state["schedule"].log
+    assert [full for *_, full in log] == [True, False]
+    assert len(calls) == 2 * n  # ref and the full step; the cached step ran no block
+    assert torch.equal(first, ref)
+    torch.testing.assert_close(second, first, atol=1e-5, rtol=1e-5)
 
 
 SCHEDULERS = ["DDIMScheduler", "DPMSolverMultistepScheduler", "HeunDiscreteScheduler"]
@@ -135,7 +173,7 @@ def test_adaptive_decisions_are_per_sample_and_batch_independent(kind):
 
 def test_bad_configuration_errors():
     for kw, word in [({"interval": 0}, "interval"), ({"interval": 1.5}, "interval"), ({"threshold": -1.0}, "threshold"),
-                     ({"order": 2}, "order"), ({"probe": 0}, "probe")]:
+                     ({"order": 2}, "order"), ({"probe": -1}, "probe"), ({"probe": 0, "threshold": 0.1}, "probe")]:
         with pytest.raises(ValueError, match=word):
             ve.StepCache(**kw)
     with pytest.raises(ve.UnsupportedModelError, match="not a supported denoiser"):

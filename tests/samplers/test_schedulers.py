@@ -303,3 +303,21 @@ def test_optimize_schedule_beats_its_start_on_new_noise(tmp_path):
         assert calls == 4
         errs[name] = (x - truth).pow(2).mean().sqrt().item()
     assert errs["optimized"] < 0.8 * errs["start"], errs
+
+
+def test_benchmark_peers_get_their_settings_from_a_saved_pipeline_config():
+    """A scheduler config loaded from a pipeline lists its defaulted keys in `_use_default_values`; the
+    benchmark's peers must still get their own settings (order, spacing, solver type, final sigma)."""
+    from vision_eff.samplers.bench import PEERS, peer_scheduler
+    from vision_eff.zoo import default_scheduler
+
+    config = default_scheduler("shapes-unet").config
+    assert "use_karras_sigmas" in config.get("_use_default_values", [])  # the trap this guards against
+    for name in ("dpm++3m-lu", "dpm++2m-karras", "unipc-bh1-trailing-smin", "deis3-karras"):
+        sched = peer_scheduler(name, config)
+        for key, value in PEERS[name][1].items():
+            assert sched.config[key] == value, (name, key)
+    a, b = peer_scheduler("dpm++2m", config), peer_scheduler("dpm++2m-karras", config)
+    a.set_timesteps(6)
+    b.set_timesteps(6)
+    assert not torch.equal(a.timesteps, b.timesteps)

@@ -1,6 +1,7 @@
 """First-block / DBCache-style residual caching for diffusers transformers (DiT, PixArt, SD3, Flux).
 
-The first ``probe`` blocks always run. On a full step the remaining blocks run too and their total
+The first ``probe`` blocks always run (``probe=0`` with a fixed interval: none do, and the cached
+residual is that of the whole stack, as TaylorSeer-style caches do). On a full step the remaining blocks run too and their total
 residual ``R = h_out - h_probe`` is kept; on a cached step they are skipped (each returns its input)
 and the last one returns ``h_probe + R`` (``order=1``: ``R`` extrapolated linearly from the last two
 full steps). With a ``threshold`` a step is cached when the probe blocks' residual has drifted by less
@@ -108,6 +109,8 @@ def apply_blocks(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
                 slot = cur["slot"]
                 if slot is None:
                     return orig(*args, **kwargs)
+                if j == 0:  # probe=0 (fixed interval only): the residual of every block is cached
+                    cur["hp"] = _inputs(args, kwargs)[0]
                 if slot.full or slot.residual is None:
                     out = orig(*args, **kwargs)
                     cur["fmt"][j] = None if torch.is_tensor(out) else len(out)

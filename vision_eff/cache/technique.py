@@ -26,9 +26,10 @@ class StepCache:
     warmup: the first ``warmup`` steps of every run are full.
     branch: UNet only: skip connections kept in the shallow branch beyond ``conv_in``'s
         (0 = the shallowest and fastest, like DeepCache's default; larger is slower and closer).
-    probe: transformers only: leading blocks that always run (and whose residual drives ``threshold``).
-    order: transformers only: 0 reuses the cached residual, 1 extrapolates it linearly from the last two
-        full steps (TaylorSeer-style first order).
+    probe: transformers only: leading blocks that always run (and whose residual drives ``threshold``);
+        0 (fixed interval only) runs no block on cached steps.
+    order: 0 reuses the cached features (UNet: deep-branch outputs; transformers: the residual), 1
+        extrapolates them linearly from the last two full steps (TaylorSeer-style first order).
     """
 
     interval: int = 3
@@ -47,7 +48,10 @@ class StepCache:
             raise ValueError(f"threshold must be a positive number (or None for a fixed interval), got {self.threshold!r}")
         _check_int("warmup", self.warmup, 0)
         _check_int("branch", self.branch, 0)
-        _check_int("probe", self.probe, 1)
+        _check_int("probe", self.probe, 0)
+        if self.probe == 0 and self.threshold is not None:
+            raise ValueError("probe=0 caches every block, which leaves nothing to measure drift on: "
+                             "use probe >= 1 with a threshold, or threshold=None for a fixed interval")
         if self.order not in (0, 1) or isinstance(self.order, bool):
             raise ValueError(f"order must be 0 (reuse) or 1 (linear extrapolation), got {self.order!r}")
 

@@ -67,7 +67,8 @@ def peer_scheduler(name: str, config: dict):
     import diffusers
 
     cls_name, kw = PEERS[name]
-    return getattr(diffusers, cls_name).from_config({**config, **kw})
+    # as keyword arguments: merged into the dict, diffusers drops every key its `_use_default_values` lists
+    return getattr(diffusers, cls_name).from_config(config, **kw)
 
 
 def steps_for(name: str, nfe: int) -> int | None:
@@ -190,7 +191,8 @@ def _pipe_images(pipe, labels, noise, steps, guidance, batch):
     return torch.cat(out)
 
 
-def model_generate(model_name, nfes, n_images, seed, guidance, batch, schedule_file, ref_steps, log=print) -> dict:
+def model_generate(model_name, nfes, n_images, seed, guidance, batch, schedule_file, ref_steps, log=print,
+                   peers=None) -> dict:
     """Images from every configuration at every NFE (same noise and labels), and the reference."""
     from ..zoo import load_pipeline
 
@@ -209,7 +211,7 @@ def model_generate(model_name, nfes, n_images, seed, guidance, batch, schedule_f
         from .optimize import use_schedule
 
         configs["ours:pc+opt"] = lambda: use_schedule(pipe, schedule_file)
-    configs.update({k: (lambda k=k: peer_scheduler(k, base_config)) for k in MODEL_PEERS})
+    configs.update({k: (lambda k=k: peer_scheduler(k, base_config)) for k in (peers or MODEL_PEERS)})
     for name, make in configs.items():
         for n in nfes:
             t1 = time.time()
@@ -322,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune-seed", type=int, default=1234, help="tuning noise seed (must differ from --seed)")
     p.add_argument("--models", nargs="*", default=["shapes-unet", "shapes-dit"], help="built-in models ('' for none)")
     p.add_argument("--model-nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10])
+    p.add_argument("--model-peers", nargs="+", default=MODEL_PEERS, choices=sorted(PEERS), metavar="PEER",
+                   help=f"diffusers configurations run on the built-in models (default: {' '.join(MODEL_PEERS)})")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--guidance", type=float, default=1.0)
     p.add_argument("--ref-steps", type=int, default=200)
-    p.add_argument("--schedule-dir", default=str(REPO_ROOT / "samplers" / "schedules"),
+    p.add_argument("--schedule-dir", default=str(Path(__file__).resolve().parent.parent / "zoo" / "schedules"),
                    help="schedule files NAME.json from `vision-eff samplers optimize`")
     p.add_argument("--skip-oracle", action="store_true")
     p.add_argument("--images-dir", default="/tmp/vision-eff-samplers",
@@ -356,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
             gen = load_generated(saved)
         else:
             gen = model_generate(m, a.model_nfe, a.images, a.seed, a.guidance, a.batch,
-                                 Path(a.schedule_dir) / f"{m}.json", a.ref_steps)
+                                 Path(a.schedule_dir) / f"{m}.json", a.ref_steps, peers=a.model_peers)
             save_generated(gen, saved)
         res = model_evaluate(gen)
         md = model_markdown(m, res, a.model_nfe, command, a.guidance)

@@ -77,6 +77,9 @@ UNET_CONFIG = dict(
     attention_head_dim=1,  # diffusers' legacy name: this is the number of heads (head dim = width)
     norm_num_groups=8,
 )
+# On top of cross-attention, the label (index NUM_CLASSES = null, for guidance) is also added to the
+# timestep embedding, as in ADM: the fast-learning path that makes class conditioning work early.
+UNET_CLASS_EMBEDS = NUM_CLASSES + 1
 
 DIT_CONFIG = dict(
     num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
@@ -100,17 +103,24 @@ ZOO: dict[str, ZooEntry] = {
     "shapes-unet": ZooEntry(
         "shapes-unet", "unet",
         "class-conditional UNet2DConditionModel (SD in miniature: cross-attention on label tokens, "
-        "self-attention at 32x32 and 16x16), 32x32 RGB, v prediction (fine-tuned from an epsilon-prediction "
-        "pretraining stage)",
+        "self-attention at 32x32 and 16x16, label also in the timestep embedding), 32x32 RGB, v prediction "
+        "(staged: epsilon pretraining, then v prediction, then Min-SNR-weighted v prediction)",
         prediction_type="v_prediction",
-        train=dict(steps=600, batch_size=16, lr=3e-4, seed=0, label_dropout=0.1, ema=0.995, bf16=True,
-                   pretrain=dict(prediction_type="epsilon", steps=2400, lr=7e-4)),
+        # stages run in order, each initialised from the one before; the last is the recipe itself
+        train=dict(steps=2200, batch_size=32, lr=5e-4, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
+                   loss="min_snr5",
+                   pretrain=[dict(prediction_type="epsilon", steps=2400, lr=7e-4, batch_size=16, ema=0.995,
+                                  class_embed=False, loss="mse"),
+                             dict(prediction_type="v_prediction", steps=600, lr=3e-4, batch_size=16, ema=0.995,
+                                  class_embed=False, loss="mse")]),
     ),
     "shapes-dit": ZooEntry(
         "shapes-dit", "dit",
         "class-conditional DiTTransformer2DModel (patch 2, 256 tokens, adaLN-zero), 32x32 RGB, v prediction",
         prediction_type="v_prediction",
-        train=dict(steps=2000, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True),
+        train=dict(steps=3200, batch_size=32, lr=6e-4, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
+                   loss="min_snr5",
+                   pretrain=[dict(steps=2000, lr=1e-3, loss="mse")]),
     ),
     "shapes-vit": ZooEntry(
         "shapes-vit", "vit",
@@ -131,13 +141,20 @@ def entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
-def build(name: str) -> dict[str, nn.Module]:
-    """Fresh (untrained) modules of a zoo model, keyed by component name."""
+def build(name: str, class_embed: bool = True) -> dict[str, nn.Module]:
+    """Fresh (untrained) modules of a zoo model, keyed by component name.
+
+    ``class_embed=False`` builds the UNet without the label-in-timestep embedding (its early
+    training stages); the embedding is zero-initialised, so adding it leaves the model unchanged.
+    """
     e = entry(name)
     if e.kind == "unet":
         from diffusers import UNet2DConditionModel
 
-        return {"unet": UNet2DConditionModel(**UNET_CONFIG), "label_encoder": LabelEncoder(dim=UNET_CONFIG["cross_attention_dim"])}
+        unet = UNet2DConditionModel(**UNET_CONFIG, num_class_embeds=UNET_CLASS_EMBEDS if class_embed else None)
+        if class_embed:
+            nn.init.zeros_(unet.class_embedding.weight)
+        return {"unet": unet, "label_encoder": LabelEncoder(dim=UNET_CONFIG["cross_attention_dim"])}
     if e.kind == "dit":
         from diffusers import DiTTransformer2DModel
 

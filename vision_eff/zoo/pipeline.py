@@ -144,7 +144,8 @@ class ShapesUNetPipeline(_ShapesPipeline):
 
     def _denoise(self, x, t, labels):
         ctx = self.label_encoder(labels).to(x.dtype)
-        return self.unet(x, t, encoder_hidden_states=ctx).sample
+        class_labels = labels if self.unet.config.num_class_embeds else None
+        return self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels).sample
 
 
 class ShapesDiTPipeline(_ShapesPipeline):

@@ -22,12 +22,12 @@ from .models import NUM_CLASSES, SCHEDULE_CONFIG, build, entry
 from .weights import save, weights_path
 
 
-def _stream(batch_size: int, size: int, rank: int = 0, world: int = 1, start_step: int = 0):
-    """Deterministic training batches: step s of rank r is train samples [(s*world+r)*B, +B)."""
+def _stream(batch_size: int, size: int, rank: int = 0, world: int = 1, start_step: int = 0, offset: int = 0):
+    """Deterministic training batches: step s of rank r is train samples offset + [(s*world+r)*B, +B)."""
     step = start_step
     cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     while True:
-        start = (step * world + rank) * batch_size
+        start = offset + (step * world + rank) * batch_size
         xs, ys = [], []
         for c in range(start // data.CHUNK, (start + batch_size - 1) // data.CHUNK + 1):
             if c not in cache:
@@ -74,8 +74,13 @@ class _Objective(nn.Module):
     """Holds a zoo model's components and computes its training loss (one forward for DDP)."""
 
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
-                 prediction_type: str | None = None):
+                 prediction_type: str | None = None, loss: str = "mse"):
         super().__init__()
+        if loss != "mse" and not (loss.startswith("min_snr") and loss[7:].replace(".", "", 1).isdigit()):
+            raise ValueError(f"loss must be 'mse' or 'min_snrG' (e.g. 'min_snr5'), got {loss!r}")
+        # Min-SNR-gamma weighting (Hang et al. 2023): the per-timestep weight of the x0 error is
+        # min(SNR, gamma); expressed for the eps / v targets below.
+        self.min_snr = float(loss[7:]) if loss != "mse" else None
         self.entry = entry(name)
         self.prediction_type = prediction_type or self.entry.prediction_type
         self.parts = nn.ModuleDict(modules)
@@ -98,11 +103,16 @@ class _Objective(nn.Module):
             drop = (torch.rand(b, generator=gen) < self.label_dropout).to(x0.device)
             labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
             ctx = self.parts["label_encoder"](labels)
-            out = self.parts["unet"](xt, t, encoder_hidden_states=ctx).sample
+            cls = labels if self.parts["unet"].config.num_class_embeds else None
+            out = self.parts["unet"](xt, t, encoder_hidden_states=ctx, class_labels=cls).sample
         else:  # the DiT's own label embedding drops labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
         target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        return nn.functional.mse_loss(out.float(), target)
+        if self.min_snr is None:
+            return nn.functional.mse_loss(out.float(), target)
+        snr = a / (1 - a)  # x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)
+        w = snr.clamp(max=self.min_snr) / (snr if self.prediction_type == "epsilon" else snr + 1)
+        return (w * (out.float() - target).square()).mean()
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -120,12 +130,13 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train(name: str, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
           seed: int | None = None, out: str | Path | None = None, save_every: int = 250,
           progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
-          prediction_type: str | None = None) -> Path:
-    """Train a zoo model from scratch and write its weights; returns the weights path.
+          prediction_type: str | None = None, stage: dict | None = None) -> Path:
+    """Train a zoo model and write its weights; returns the weights path.
 
-    A recipe with a ``pretrain`` stage (e.g. epsilon prediction first, then v prediction) runs that
-    stage first unless ``init_from`` names weights that stage already produced or ``steps`` is given
-    (then only the final stage is trained, from scratch).
+    A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
+    order, each initialised from the one before, unless ``init_from`` names weights the stages already
+    produced or ``steps`` is given (then only the final stage is trained, from scratch). ``stage``
+    overrides recipe keys for one stage (used by that chain).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -134,31 +145,57 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
-    # the pretraining stage belongs to the full recipe: an explicit --steps trains the final stage alone
-    if pre is not None and init_from is None and prediction_type is None and steps is None:
-        init_from = out.with_name(out.stem + "-pretrain.safetensors")
-        train(name, steps=pre["steps"], lr=pre["lr"], batch_size=recipe["batch_size"], seed=recipe["seed"],
-              out=init_from, save_every=save_every, progress=progress, threads=threads,
-              prediction_type=pre["prediction_type"])
-    if pre is not None and init_from is not None:
-        recipe["pretrain"] = pre
-    prediction_type = prediction_type or e.prediction_type
+    pre = [pre] if isinstance(pre, dict) else pre
+    if stage is not None:
+        recipe.update(stage)
+        pre = None
+    # the pretraining stages belong to the full recipe: an explicit --steps trains the final stage alone
+    if pre and init_from is None and prediction_type is None and steps is None:
+        for i, st in enumerate(pre):
+            path = out.with_name(f"{out.stem}-stage{i}.safetensors")
+            train(name, seed=recipe["seed"], out=path, save_every=save_every, progress=progress,
+                  threads=threads, init_from=init_from, stage=st)
+            init_from = path
+    history: list[dict] = []
+    if init_from is not None:
+        from .weights import read_metadata
+
+        before = read_metadata(init_from)
+        history = list(before.get("history") or []) + [
+            {k: before.get(k) for k in ("init_from", "steps_done", "samples_seen", "data_offset", "prediction_type",
+                                        "train_seconds", "recipe") if k in before}]
+        if pre:
+            recipe["pretrain"] = pre
+        # a stage reads fresh data: after the samples the weights it starts from have seen
+        if "data_offset" in before:  # a file this code wrote: its own offset plus what it saw
+            recipe.setdefault("data_offset", before["data_offset"] + before.get("samples_seen", 0))
+        elif pre:  # the output of the recipe's stages (each of which started at sample 0)
+            recipe.setdefault("data_offset", sum(st["steps"] * st.get("batch_size", recipe["batch_size"]) for st in pre))
+    prediction_type = prediction_type or recipe.get("prediction_type") or e.prediction_type
     accel = Accelerator(mixed_precision="bf16" if recipe.get("bf16") else "no")
     torch.manual_seed(recipe["seed"])
-    modules = build(name)
+    class_embed = recipe.get("class_embed", True)
+    modules = build(name, class_embed=class_embed) if e.kind == "unet" else build(name)
     if init_from is not None:
         from .weights import load_into
 
-        load_into(modules, init_from, name)
+        # a stage that adds the (zero-initialised) class embedding starts from one without it
+        from safetensors import safe_open
+
+        with safe_open(str(init_from), framework="pt") as f:
+            grows = class_embed and not any(k.startswith("unet.class_embedding.") for k in f.keys())
+        load_into(modules, init_from, name, allow_missing=("class_embedding.",) if grows else ())
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
-    objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type)
+    objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type,
+                           recipe.get("loss", "mse"))
     wrapped, opt, sched = accel.prepare(objective, opt, sched)
     raw = accel.unwrap_model(wrapped).parts
     ema = copy.deepcopy(raw).eval() if "ema" in recipe else None
-    gen = torch.Generator().manual_seed(recipe["seed"] * 7919 + accel.process_index)
-    stream = _stream(recipe["batch_size"], 32, accel.process_index, accel.num_processes)
+    offset = recipe.get("data_offset", 0)
+    gen = torch.Generator().manual_seed(recipe["seed"] * 7919 + accel.process_index + offset)
+    stream = _stream(recipe["batch_size"], 32, accel.process_index, accel.num_processes, offset=offset)
     t0 = time.time()
     wrapped.train()
     bar = tqdm(range(recipe["steps"]), desc=f"train {name}", disable=not (progress and accel.is_main_process))
@@ -170,8 +207,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
         meta = dict(
             model=name, kind=e.kind, recipe=recipe, steps_done=step, final=final,
             prediction_type=prediction_type, init_from=Path(init_from).name if init_from else None,
+            data_offset=offset, history=history,
             samples_seen=step * recipe["batch_size"] * accel.num_processes,
-            data="vision_eff.zoo.data train split, 32x32, sample (step*world+rank)*batch onwards",
+            data=f"vision_eff.zoo.data train split, 32x32, sample {offset} + (step*world+rank)*batch onwards",
             train_seconds=round(time.time() - t0, 1), processes=accel.num_processes,
             machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
             torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5),

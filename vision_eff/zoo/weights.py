@@ -55,8 +55,13 @@ def read_metadata(path: str | Path) -> dict:
     return out
 
 
-def load_into(modules: dict[str, nn.Module], path: str | Path, model_name: str) -> dict:
-    """Load a zoo weights file into freshly built modules; returns the file's metadata."""
+def load_into(modules: dict[str, nn.Module], path: str | Path, model_name: str,
+              allow_missing: tuple[str, ...] = ()) -> dict:
+    """Load a zoo weights file into freshly built modules; returns the file's metadata.
+
+    ``allow_missing``: parameter-name prefixes the file may lack (a training stage that adds a
+    zero-initialised module); anything else missing or unexpected is an error.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -75,6 +80,7 @@ def load_into(modules: dict[str, nn.Module], path: str | Path, model_name: str) 
         prefix = comp + "."
         sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         missing, unexpected = module.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith(allow_missing)]
         if missing or unexpected:
             raise WeightsError(
                 f"{path} does not match the {model_name!r} architecture "

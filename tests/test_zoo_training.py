@@ -1,0 +1,94 @@
+"""The zoo's training recipe machinery: staged recipes, the zero-initialised class embedding, Min-SNR loss."""
+import dataclasses
+
+import pytest
+import torch
+
+from vision_eff import zoo
+from vision_eff.zoo import train as train_mod
+from vision_eff.zoo import weights
+from vision_eff.zoo.models import NUM_CLASSES, SCHEDULE_CONFIG
+
+
+def _tiny_entry(monkeypatch, **train_kw):
+    base = zoo.ZOO["shapes-unet"]
+    e = dataclasses.replace(base, train=dict(base.train, **train_kw))
+    monkeypatch.setattr(train_mod, "entry", lambda name: e)
+    return e
+
+
+def test_staged_recipe_runs_every_stage_and_records_the_chain(tmp_path, monkeypatch):
+    stages = [dict(prediction_type="epsilon", steps=1, lr=1e-4, batch_size=2, class_embed=False, loss="mse"),
+              dict(prediction_type="v_prediction", steps=2, lr=1e-4, batch_size=2, class_embed=False, loss="mse")]
+    _tiny_entry(monkeypatch, steps=1, batch_size=3, pretrain=stages)
+    out = train_mod.train("shapes-unet", out=tmp_path / "u.safetensors", progress=False, save_every=0)
+    s0, s1 = tmp_path / "u-stage0.safetensors", tmp_path / "u-stage1.safetensors"
+    m0, m1, m = (weights.read_metadata(p) for p in (s0, s1, out))
+    assert (m0["prediction_type"], m0["steps_done"], m0["init_from"]) == ("epsilon", 1, None)
+    assert (m1["prediction_type"], m1["steps_done"], m1["init_from"]) == ("v_prediction", 2, s0.name)
+    assert m["init_from"] == s1.name and m["recipe"]["pretrain"] == stages
+    # the final stage reads data after the 1*2 + 2*2 samples the stages saw
+    assert m["recipe"]["data_offset"] == 6 and "sample 6 +" in m["data"]
+    # the early stages have no class embedding; the final model has it
+    from safetensors import safe_open
+
+    with safe_open(str(s1), "pt") as f:
+        assert not any(k.startswith("unet.class_embedding.") for k in f.keys())
+    with safe_open(str(out), "pt") as f:
+        assert "unet.class_embedding.weight" in set(f.keys())
+
+
+def test_continuing_from_weights_reads_fresh_data_and_keeps_the_history(tmp_path, monkeypatch):
+    _tiny_entry(monkeypatch, steps=1, batch_size=2)
+    first = train_mod.train("shapes-unet", steps=2, out=tmp_path / "a.safetensors", progress=False, save_every=0)
+    again = train_mod.train("shapes-unet", steps=1, init_from=first, out=tmp_path / "b.safetensors",
+                            progress=False, save_every=0)
+    m1, m2 = weights.read_metadata(first), weights.read_metadata(again)
+    assert m1["data_offset"] == 0 and m1["samples_seen"] == 4
+    assert m2["data_offset"] == 4 and m2["init_from"] == "a.safetensors"
+    assert [h["steps_done"] for h in m2["history"]] == [2]
+
+
+def test_adding_the_zero_initialised_class_embedding_leaves_the_model_unchanged(tmp_path):
+    torch.manual_seed(0)
+    plain = zoo.build("shapes-unet", class_embed=False)
+    path = weights.save(plain, tmp_path / "plain.safetensors", {"model": "shapes-unet"})
+    grown = zoo.build("shapes-unet")
+    with pytest.raises(weights.WeightsError, match="does not match"):
+        weights.load_into(grown, path, "shapes-unet")
+    weights.load_into(grown, path, "shapes-unet", allow_missing=("class_embedding.",))
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t, y = torch.tensor([10, 700]), torch.tensor([3, NUM_CLASSES])
+    with torch.no_grad():
+        ref = plain["unet"](x, t, encoder_hidden_states=plain["label_encoder"](y)).sample
+        out = grown["unet"](x, t, encoder_hidden_states=grown["label_encoder"](y), class_labels=y).sample
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_loss_is_the_clipped_snr_weighted_x0_error(prediction_type):
+    """Independent check in float64: the loss equals mean(min(SNR, 5) * (x0_hat - x0)^2)."""
+    torch.manual_seed(0)
+    modules = zoo.build("shapes-unet")
+    obj = train_mod._Objective("shapes-unet", modules, 0.0, prediction_type, "min_snr5").double()
+    seen = {}
+
+    def spy(mod, args, kwargs, out):
+        seen.update(xt=args[0], t=args[1], out=out.sample)
+
+    modules["unet"].register_forward_hook(spy, with_kwargs=True)
+    x0 = torch.rand(4, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    loss = obj(x0, torch.arange(4), torch.Generator().manual_seed(3))
+    from diffusers import DDPMScheduler
+
+    a = DDPMScheduler(**SCHEDULE_CONFIG).alphas_cumprod.double()[seen["t"]].view(-1, 1, 1, 1)
+    xt, out = seen["xt"].double(), seen["out"].double()
+    x0_hat = (xt - (1 - a).sqrt() * out) / a.sqrt() if prediction_type == "epsilon" else a.sqrt() * xt - (1 - a).sqrt() * out
+    snr = a / (1 - a)
+    expected = (snr.clamp(max=5.0) * (x0_hat - x0) ** 2).mean()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
+def test_bad_loss_name_is_rejected():
+    with pytest.raises(ValueError, match="min_snrG"):
+        train_mod._Objective("shapes-unet", zoo.build("shapes-unet"), loss="snr")
