@@ -71,14 +71,20 @@ def test_unet_cached_step_replays_the_deep_branch_exactly():
 
 
 def test_unet_order_one_extrapolates_the_deep_branch_linearly():
-    """Oracle: a deep module's output on a cached step is f_b + (f_b - f_a) * (i - i_b) / (i_b - i_a)."""
+    """Oracle: the deep branch's output on a cached step is f_b + (f_b - f_a) * (i - i_b) / (i_b - i_a);
+    deep modules the shallow branch does not read replay their last output."""
     unet = sd_unet(channels=4)
     k = unet_inputs(batch=2)
-    seen = []
+    seen, mid = [], []
+
+    def first(out):
+        return (out[0] if isinstance(out, tuple) else getattr(out, "sample", out)).detach().clone()
+
     with ve.patched(unet, ve.StepCache(interval=2, warmup=0, order=1)) as h:
-        deep = unet.mid_block
-        assert deep in h.parts[0].state["deep_modules"]
-        deep.register_forward_hook(lambda m, a, out: seen.append(out.detach().clone()))
+        plan = h.parts[0].state["deep_modules"]
+        assert unet.mid_block in plan and plan[-1] is not unet.mid_block
+        plan[-1].register_forward_hook(lambda m, a, out: seen.append(first(out)))
+        unet.mid_block.register_forward_hook(lambda m, a, out: mid.append(first(out)))
         for scale in (1.0, 0.9, 0.7, 0.6, 0.4):  # steps 0..4, full on 0, 2, 4
             output(unet, dict(k, sample=k["sample"] * scale))
         log = h.parts[0].state["schedule"].log
@@ -86,6 +92,7 @@ def test_unet_order_one_extrapolates_the_deep_branch_linearly():
     torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)  # one full step known: plain reuse
     torch.testing.assert_close(seen[3], seen[2] + (seen[2] - seen[0]) * 0.5, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(seen[2], seen[0])
+    assert torch.equal(mid[3], mid[2]) and not torch.equal(mid[2], mid[0])
 
 
 @pytest.mark.parametrize("name", ["pixart", "sd3", "flux"])

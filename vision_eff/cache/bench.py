@@ -118,6 +118,7 @@ def unet_settings() -> list[Setting]:
         ("StepCache 5 + TokenMerge 0.5 (merge, 32x32 only)", "ours", _ours(SC(interval=5), TM(ratio=0.5, min_tokens=1024))),
         ("StepCache 4, order 1", "ours", _ours(SC(interval=4, order=1))),
         ("StepCache 5, order 1", "ours", _ours(SC(interval=5, order=1))),
+        ("StepCache 6, order 1", "ours", _ours(SC(interval=6, order=1))),
         ("StepCache 5, order 1 + TokenMerge 0.3 (merge, 32x32 only)", "ours",
          _ours(SC(interval=5, order=1), TM(ratio=0.3, min_tokens=1024))),
         ("tomesd 0.5", "tomesd 0.1.3", _tomesd(0.5)),

@@ -9,8 +9,10 @@ runs and its output is kept; on a cached step it returns the kept output instead
 first shallow up unit sees the deep feature of the last full step, as in DeepCache. Only module
 forwards are wrapped (whole blocks where a block is entirely deep), never the UNet's own forward.
 
-``order=1`` replays a linear extrapolation of each deep output from the last two full steps instead
-(per sample: ``f_b + (f_b - f_a) * (i - i_b) / (i_b - i_a)``), the TaylorSeer idea applied to DeepCache.
+``order=1`` replays a linear extrapolation of the deep branch's output (the last deep module's, the only
+one the shallow branch reads) from the last two full steps instead (per sample:
+``f_b + (f_b - f_a) * (i - i_b) / (i_b - i_a)``), the TaylorSeer idea applied to DeepCache; the other
+deep modules replay their last output, which nothing on a cached step reads.
 """
 from __future__ import annotations
 
@@ -116,7 +118,7 @@ def apply_unet(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
                 if slot is None:  # called outside the UNet's forward
                     return orig(*args, **kwargs)
                 full = sched.decide(slot, cur["probe"])
-                if cfg.order == 0:
+                if cfg.order == 0 or key != feed:  # only the output the shallow branch reads is extrapolated
                     if not full and key in slot.store:
                         return slot.store[key]
                     out = blend(slot.mask, orig(*args, **kwargs), slot.store.get(key))
@@ -133,6 +135,7 @@ def apply_unet(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
             return forward
         return wrap
 
+    feed = len(plan) - 1  # the last deep module: its output is what the first shallow up unit reads
     for k, m in enumerate(plan):
         handle.wrap_forward(m, make(k))
     handle.state["schedule"] = sched
