@@ -159,15 +159,16 @@ def _zoo(args) -> int:
 
         if args.out:
             check_writable(args.out)
+        kind = entry(args.name).kind
         kwargs = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
                       threads=args.threads)
         if args.init_from is not None:
             if not Path(args.init_from).is_file():
                 raise UsageError(f"--init-from: no weights file at {args.init_from}")
-            if entry(args.name).kind in ("vit", "classifier"):
+            if kind in ("vit", "classifier"):
                 raise UsageError(f"--init-from is for the diffusion models, not {args.name}")
             kwargs["init_from"] = args.init_from
-        if entry(args.name).kind == "vit":  # the ViT classifier has its own training loop
+        if kind == "vit":  # the ViT classifier has its own training loop
             from .vit.builtin import train_vit
 
             path = train_vit(**kwargs)

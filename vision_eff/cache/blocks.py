@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .schedule import Schedule, Slot, blend
+from .schedule import Schedule, Slot, blend, extrapolate, push_history
 
 __all__ = ["transformer_blocks", "apply_blocks"]
 
@@ -60,22 +60,7 @@ def _hidden(out: Any, idx: tuple[int, int | None]) -> torch.Tensor:
 
 
 def _estimate(slot: Slot, order: int) -> torch.Tensor:
-    ib, rb, ia, ra = slot.residual
-    if order == 0:
-        return rb
-    scale = (slot.index - ib) / (ib - ia).clamp_min(1)  # 0 until two full steps are known (then rb == ra)
-    return rb + (rb - ra) * scale.view(-1, *([1] * (rb.dim() - 1))).to(rb.dtype)
-
-
-def _update(slot: Slot, r: torch.Tensor) -> None:
-    """Shift the residual history of the samples computed at this step."""
-    step = torch.full((r.shape[0],), float(slot.index), device=r.device)
-    if slot.residual is None:
-        slot.residual = (step, r, step, r)
-        return
-    ib, rb, ia, ra = slot.residual
-    new = (step, r, ib, rb)
-    slot.residual = tuple(blend(slot.mask, n, o) for n, o in zip(new, slot.residual))
+    return slot.residual[1] if order == 0 else extrapolate(slot.residual, slot.index)
 
 
 def apply_blocks(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
@@ -119,7 +104,7 @@ def apply_blocks(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
                     h = _hidden(out, idx)
                     if slot.mask is not None and slot.residual is not None:
                         h = blend(slot.mask, h, cur["hp"] + _estimate(slot, cfg.order))
-                    _update(slot, h - cur["hp"])
+                    slot.residual = push_history(slot.residual, h - cur["hp"], slot.index, slot.mask)
                     return h if torch.is_tensor(out) else tuple(h if k == idx[0] else o for k, o in enumerate(out))
                 h, enc = _inputs(args, kwargs)
                 if last:

@@ -30,6 +30,34 @@ def blend(mask: torch.Tensor | None, new: Any, old: Any) -> Any:
     return new
 
 
+def _map(fn, *xs: Any) -> Any:
+    """``fn`` over the tensors (with a batch dimension) of ``xs``, through tuples; other items from the first."""
+    x0 = xs[0]
+    if torch.is_tensor(x0):
+        return fn(*xs) if x0.dim() else x0
+    if isinstance(x0, (tuple, list)):
+        return type(x0)(_map(fn, *items) for items in zip(*xs))
+    return x0
+
+
+def push_history(entry: tuple | None, value: Any, index: int, mask: torch.Tensor | None) -> tuple:
+    """Per-sample history ``(i_b, f_b, i_a, f_a)`` of a cached feature after a full step at ``index``
+    (only the samples in ``mask`` when it is a partial one)."""
+    t = value if torch.is_tensor(value) else next(x for x in value if torch.is_tensor(x))
+    step = torch.full((t.shape[0],), float(index), device=t.device)
+    if entry is None:
+        return step, value, step, value
+    new = (step, value, entry[0], entry[1])
+    return tuple(blend(mask, n, o) for n, o in zip(new, entry))
+
+
+def extrapolate(entry: tuple, index: int) -> Any:
+    """First-order estimate at ``index``: ``f_b + (f_b - f_a) * (index - i_b) / (i_b - i_a)`` per sample."""
+    ib, fb, ia, fa = entry
+    scale = (index - ib) / (ib - ia).clamp_min(1)  # 0 until two full steps are known (then f_a is f_b)
+    return _map(lambda b, a: b + (b - a) * scale.view(-1, *([1] * (b.dim() - 1))).to(b.dtype), fb, fa)
+
+
 class Slot:
     def __init__(self, signature: Any) -> None:
         self.signature = signature

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from .schedule import Schedule, blend
+from .schedule import Schedule, blend, extrapolate, push_history
 
 __all__ = ["plan_unet", "apply_unet"]
 
@@ -68,32 +67,6 @@ def plan_unet(model: nn.Module, branch: int) -> list[nn.Module]:
     return plan
 
 
-def _map(fn, *xs):
-    """``fn`` over tensors with a batch dimension, through tuples; other items come from the first."""
-    x0 = xs[0]
-    if torch.is_tensor(x0):
-        return fn(*xs) if x0.dim() else x0
-    if isinstance(x0, (tuple, list)):
-        return type(x0)(_map(fn, *items) for items in zip(*xs))
-    return x0
-
-
-def _extrapolate(entry: tuple, index: int) -> Any:
-    ib, fb, ia, fa = entry
-    scale = (index - ib) / (ib - ia).clamp_min(1)  # 0 until two full steps are known (then fa is fb)
-    return _map(lambda b, a: b + (b - a) * scale.view(-1, *([1] * (b.dim() - 1))).to(b.dtype), fb, fa)
-
-
-def _push(entry: tuple | None, out: Any, index: int, mask: torch.Tensor | None) -> tuple:
-    """History (i_b, f_b, i_a, f_a) after a (possibly partial, per-sample ``mask``) full step."""
-    t = next(x for x in ([out] if torch.is_tensor(out) else out) if torch.is_tensor(x))
-    step = torch.full((t.shape[0],), float(index), device=t.device)
-    if entry is None:
-        return step, out, step, out
-    new = (step, out, entry[0], entry[1])
-    return tuple(blend(mask, n, o) for n, o in zip(new, entry))
-
-
 def apply_unet(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
     plan = plan_unet(model, cfg.branch)
     sched = Schedule(cfg, clock)
@@ -126,11 +99,11 @@ def apply_unet(model: nn.Module, cfg: Any, handle: Any, clock: Any) -> None:
                     return out
                 entry = slot.store.get(key)
                 if not full and entry is not None:
-                    return _extrapolate(entry, slot.index)
+                    return extrapolate(entry, slot.index)
                 out = orig(*args, **kwargs)
                 if slot.mask is not None and entry is not None:  # samples not due keep their estimate
-                    out = blend(slot.mask, out, _extrapolate(entry, slot.index))
-                slot.store[key] = _push(entry, out, slot.index, slot.mask)
+                    out = blend(slot.mask, out, extrapolate(entry, slot.index))
+                slot.store[key] = push_history(entry, out, slot.index, slot.mask)
                 return out
             return forward
         return wrap

@@ -177,11 +177,11 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     class_embed = recipe.get("class_embed", True)
     modules = build(name, class_embed=class_embed) if e.kind == "unet" else build(name)
     if init_from is not None:
+        from safetensors import safe_open
+
         from .weights import load_into
 
         # a stage that adds the (zero-initialised) class embedding starts from one without it
-        from safetensors import safe_open
-
         with safe_open(str(init_from), framework="pt") as f:
             grows = class_embed and not any(k.startswith("unet.class_embedding.") for k in f.keys())
         load_into(modules, init_from, name, allow_missing=("class_embedding.",) if grows else ())
