@@ -151,7 +151,7 @@ def _zoo(args) -> int:
             info = model_info(name)
             trained = (f"trained {info.get('steps_done')} steps in {info.get('train_seconds')} s"
                        if info else "not trained (run `vision-eff zoo train " + name + "`)")
-            print(f"{name:18s} {e.kind:10s} {trained}\n    {e.description}")
+            print(f"{name:21s} {e.kind:10s} {trained}\n    {e.description}")
         return 0
     if args.zoo_cmd == "train":
         from .gallery import check_writable
@@ -165,13 +165,25 @@ def _zoo(args) -> int:
         if args.init_from is not None:
             if not Path(args.init_from).is_file():
                 raise UsageError(f"--init-from: no weights file at {args.init_from}")
-            if kind in ("vit", "classifier"):
+            if kind in ("vit", "vit-mixer", "classifier"):
                 raise UsageError(f"--init-from is for the diffusion models, not {args.name}")
             kwargs["init_from"] = args.init_from
         if kind == "vit":  # the ViT classifier has its own training loop
             from .vit.builtin import train_vit
 
             path = train_vit(**kwargs)
+        elif kind == "vit-mixer":  # distilled from the trained shapes-vit
+            from .vit.builtin import load_vit
+            from .vit.mixer import MixerSwap
+            from .vit.recover import recover_mixer
+
+            import torch
+
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            recipe = {**entry(args.name).train, **{k: v for k, v in kwargs.items()
+                                                    if k in ("steps", "batch_size", "lr", "seed") and v is not None}}
+            path = recover_mixer(load_vit(), MixerSwap(blocks=(0, 1)), out=args.out, **recipe)
         else:
             from .zoo.train import train
 

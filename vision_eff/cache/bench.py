@@ -29,18 +29,38 @@ import vision_eff as ve
 RESULTS = Path(__file__).resolve().parents[2] / "notes" / "results" / "diffusion.md"
 GALLERY_DIR = Path(__file__).resolve().parents[2] / "gallery" / "diffusion"
 
-Setting = tuple[str, str, Callable[[Any], Callable[[], None]]]  # (name, who, apply(pipe) -> undo)
+Setting = tuple[str, str, Callable[..., Callable[[], None]]]  # (name, who, apply(pipe, args) -> undo)
 
 
 # ----------------------------------------------------------------------------------------- settings
-def _ours(*techniques) -> Callable[[Any], Callable[[], None]]:
-    def apply(pipe):
+def _ours(*techniques) -> Callable[..., Callable[[], None]]:
+    def apply(pipe, args=None):
         return ve.apply(pipe, *techniques).remove
     return apply
 
 
+CALIBRATION_IMAGES = 4
+
+
+def _calibrated(num_full: int, *others, order: int = 1, probe: int = 1) -> Callable[..., Callable[[], None]]:
+    """StepCache on a non-uniform schedule calibrated from one uncached run on other noise (seed + 1),
+    with the run's own step count and guidance; the calibration is not in the timed run."""
+    def apply(pipe, args):
+        from ..zoo import NUM_CLASSES
+        from .calibrate import calibrate_full_steps
+
+        labels = torch.arange(CALIBRATION_IMAGES) % NUM_CLASSES
+        noise = torch.randn(CALIBRATION_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1))
+        steps = calibrate_full_steps(pipe, num_full, probe=probe, run=lambda: pipe(
+            class_labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance, latents=noise,
+            output_type="latent"))
+        print(f"  calibrated full steps: {steps}", flush=True)
+        return ve.apply(pipe, ve.StepCache(full_steps=steps, order=order, probe=probe), *others).remove
+    return apply
+
+
 def _tomesd(ratio: float, max_downsample: int = 1):
-    def apply(pipe):
+    def apply(pipe, args=None):
         import tomesd
 
         tomesd.apply_patch(pipe, ratio=ratio, max_downsample=max_downsample)
@@ -49,7 +69,7 @@ def _tomesd(ratio: float, max_downsample: int = 1):
 
 
 def _deepcache(interval: int, branch: int = 0, tome: float | None = None):
-    def apply(pipe):
+    def apply(pipe, args=None):
         from DeepCache import DeepCacheSDHelper
 
         undo_tome = _tomesd(tome)(pipe) if tome else (lambda: None)
@@ -69,7 +89,7 @@ def _deepcache(interval: int, branch: int = 0, tome: float | None = None):
 
 
 def _diffusers_hook(kind: str, **config):
-    def apply(pipe):
+    def apply(pipe, args=None):
         from diffusers.hooks import (FirstBlockCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache,
                                      apply_taylorseer_cache)
 
@@ -121,6 +141,11 @@ def unet_settings() -> list[Setting]:
         ("StepCache 6, order 1", "ours", _ours(SC(interval=6, order=1))),
         ("StepCache 5, order 1 + TokenMerge 0.3 (merge, 32x32 only)", "ours",
          _ours(SC(interval=5, order=1), TM(ratio=0.3, min_tokens=1024))),
+        ("StepCache calibrated 10 full steps, order 1", "ours", _calibrated(10)),
+        ("StepCache calibrated 8 full steps, order 1", "ours", _calibrated(8)),
+        ("StepCache calibrated 7 full steps, order 1", "ours", _calibrated(7)),
+        ("StepCache calibrated 8 full steps, order 1 + TokenMerge 0.5 (downsample, 32x32 only)", "ours",
+         _calibrated(8, TM(ratio=0.5, method="downsample", min_tokens=1024))),
         ("tomesd 0.5", "tomesd 0.1.3", _tomesd(0.5)),
         ("DeepCache interval 3", "DeepCache 0.1.1", _deepcache(3)),
         ("DeepCache interval 5", "DeepCache 0.1.1", _deepcache(5)),
@@ -140,6 +165,8 @@ def dit_settings() -> list[Setting]:
         ("StepCache 3, probe 0, order 1", "ours", _ours(SC(interval=3, probe=0, order=1))),
         ("StepCache 4, probe 0, order 1", "ours", _ours(SC(interval=4, probe=0, order=1))),
         ("StepCache 3, order 1 + TokenMerge 0.5 (merge)", "ours", _ours(SC(interval=3, order=1), TM(ratio=0.5))),
+        ("StepCache calibrated 12 full steps, probe 0, order 1", "ours", _calibrated(12, probe=0)),
+        ("StepCache calibrated 10 full steps, probe 0, order 1", "ours", _calibrated(10, probe=0)),
         ("FirstBlockCache 0.1", "diffusers", _diffusers_hook("fbc", threshold=0.1)),
         ("FirstBlockCache 0.2", "diffusers", _diffusers_hook("fbc", threshold=0.2)),
         ("TaylorSeer interval 3, order 1", "diffusers",
@@ -194,7 +221,7 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
         if args.only and not any(s in title for s in args.only):
             continue
         try:
-            undo = apply(pipe)
+            undo = apply(pipe, args)
         except Exception as exc:  # a peer that is missing or does not run on this model
             rows.append(dict(setting=title, who=who, note=f"not run: {type(exc).__name__}: {str(exc)[:80]}"))
             print(f"[{name}] {title}: not run ({exc})", flush=True)

@@ -94,7 +94,10 @@ class Schedule:
         cfg = self.cfg
         forced = slot.last_full is None or i < cfg.warmup or i <= slot.last_full
         if cfg.threshold is None:
-            forced = forced or i - slot.last_full >= cfg.interval
+            if cfg.full_steps is not None and i <= cfg.full_steps[-1]:
+                forced = forced or i in cfg.full_steps
+            else:
+                forced = forced or i - slot.last_full >= cfg.interval
         slot.full = True if forced else (False if cfg.threshold is None else None)
         if slot.full is not None:
             self._record(slot)

@@ -28,6 +28,9 @@ class StepCache:
         (0 = the shallowest and fastest, like DeepCache's default; larger is slower and closer).
     probe: transformers only: leading blocks that always run (and whose residual drives ``threshold``);
         0 (fixed interval only) runs no block on cached steps.
+    full_steps: fixed schedule only: the step indices (of the pipeline's loop) computed in full, a
+        non-uniform schedule (e.g. from :func:`vision_eff.cache.calibrate_full_steps`); steps after the
+        last listed one fall back to a full step every ``interval`` steps. (``warmup`` steps stay full.)
     order: 0 reuses the cached features (UNet: deep-branch outputs; transformers: the residual), 1
         extrapolates them linearly from the last two full steps (TaylorSeer-style first order).
     """
@@ -38,6 +41,7 @@ class StepCache:
     branch: int = 0
     probe: int = 1
     order: int = 0
+    full_steps: tuple[int, ...] | None = None
 
     key = "step_cache"
 
@@ -52,6 +56,13 @@ class StepCache:
         if self.probe == 0 and self.threshold is not None:
             raise ValueError("probe=0 caches every block, which leaves nothing to measure drift on: "
                              "use probe >= 1 with a threshold, or threshold=None for a fixed interval")
+        if self.full_steps is not None:
+            if self.threshold is not None:
+                raise ValueError("full_steps is a fixed schedule: pass threshold=None with it")
+            steps = tuple(self.full_steps) if isinstance(self.full_steps, (list, tuple)) else None
+            if not steps or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in steps):
+                raise ValueError(f"full_steps must be a non-empty sequence of step indices >= 0, got {self.full_steps!r}")
+            object.__setattr__(self, "full_steps", tuple(sorted(set(steps))))
         if self.order not in (0, 1) or isinstance(self.order, bool):
             raise ValueError(f"order must be 0 (reuse) or 1 (linear extrapolation), got {self.order!r}")
 

@@ -10,6 +10,7 @@ Writes a Markdown table (machine, versions, commit, exact command) and a merge-m
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import subprocess
@@ -166,13 +167,26 @@ def bench_builtin(args, lines: list[str]) -> None:
         rows.append([name, f"{100 * acc:.2f}", f"{100 * (acc - base_acc):+.2f}", f"{xb.shape[0] / t:.1f}",
                      f"{base_time / t:.2f}x", f"{fl / 1e9:.3f}", f"{100 * agree:.2f}", f"{kl:.4f}"])
         print(f"[bench vit] built-in {name}: acc {100 * acc:.2f} speed {base_time / t:.2f}x", flush=True)
-    lines += ["## Built-in ViT (shapes-vit, 64x64, patch 4, 257 tokens, depth 6, width 192)", "",
+    n_tok = model.patch_embed.num_patches + model.num_prefix_tokens
+    lines += [f"## Built-in ViT (shapes-vit, {IMAGE_SIZE}x{IMAGE_SIZE}, {n_tok} tokens, depth {len(model.blocks)}, "
+              f"width {model.embed_dim})", "",
               f"{note}; accuracy on {count} held-out images; throughput at batch {xb.shape[0]} "
               f"(median of {args.iters}); FLOPs per image from torch's flop counter; agreement and KL against the "
               "unpatched model's predictions.", ""]
     lines += _table(["setting", "top-1 %", "delta", "img/s", "speed-up", "GFLOPs/img", "top-1 agree %", "KL"], rows)
     lines.append("")
-    if args.gallery:
+    if args.gallery and not args.smoke:
+        folder = Path(args.gallery)
+        _merge_gallery(model, x[:8], folder)
+        from ..gallery import GALLERY, provenance, update_section
+
+        rel = os.path.relpath(folder / "merge_maps.png", GALLERY)
+        table = "\n".join(lines[lines.index(next(l for l in lines if l.startswith("## Built-in ViT"))) + 3:])
+        update_section("vit", "## Token merging on the built-in ViT\n\n"
+                       f"![merge maps]({rel})\n\nTop row: held-out images; below: every patch coloured with the mean "
+                       "colour of the token it was merged into, after the last block, for `TokenMerge(r=16)` and "
+                       f"`TokenMerge(r=32)`.\n\n{table.strip()}\n\n{provenance()}\n")
+    elif args.gallery:
         _merge_gallery(model, x[:8], Path(args.gallery))
 
 

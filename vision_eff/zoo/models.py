@@ -93,7 +93,7 @@ SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.0
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str  # "unet" | "dit" | "classifier"
+    kind: str  # "unet" | "dit" | "vit" | "vit-mixer" | "classifier"
     description: str
     prediction_type: str | None = None
     train: dict = field(default_factory=dict)  # default training recipe
@@ -124,8 +124,14 @@ ZOO: dict[str, ZooEntry] = {
     ),
     "shapes-vit": ZooEntry(
         "shapes-vit", "vit",
-        "timm VisionTransformer classifier for token merging: 64x64 input, patch 4 (256 patch tokens + class), "
-        "depth 6, width 128 (trained by vision_eff.vit.builtin.train_vit)",
+        "timm VisionTransformer classifier for token merging: 64x64 input, stride-4 conv stem (256 patch tokens "
+        "+ class), depth 6, width 128 (trained by vision_eff.vit.builtin.train_vit)",
+    ),
+    "shapes-vit-poolmixer": ZooEntry(
+        "shapes-vit-poolmixer", "vit-mixer",
+        "pooling token mixers for blocks 0 and 1 of shapes-vit (MixerSwap), recovered by distillation from "
+        "its attention blocks (trained by vision_eff.vit.recover.recover_mixer)",
+        train=dict(steps=200, batch_size=64, lr=1e-3, seed=0),
     ),
     "shapes-classifier": ZooEntry(
         "shapes-classifier", "classifier",
@@ -163,4 +169,9 @@ def build(name: str, class_embed: bool = True) -> dict[str, nn.Module]:
         from ..vit.builtin import build_vit
 
         return {"vit": build_vit()}
+    if e.kind == "vit-mixer":
+        from ..vit.builtin import build_vit
+        from ..vit.mixer import MixerSwap
+
+        return {f"blocks.{i}": blk for i, blk in MixerSwap(blocks=(0, 1)).build_blocks(build_vit()).items()}
     return {"classifier": ShapesClassifier()}
