@@ -340,8 +340,9 @@ def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
 
     cols = ["setting", "who", "time_s", "speedup", "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
     text = ["# Token merging and step caching on diffusion models (`vision-eff bench diffusion`)", "",
-            provenance("vision-eff bench diffusion " + " ".join(args.argv)), "",
-            f"n={args.n} class-balanced images per setting, guidance {args.guidance}, {args.steps} steps of "
+            provenance("vision-eff bench diffusion " + " ".join(args.argv)), ""]
+    if parts:
+        text += [f"n={args.n} class-balanced images per setting, guidance {args.guidance}, {args.steps} steps of "
             "DPM-Solver++ 2M, batch " f"{args.batch} (x2 with guidance), the same noise for every setting. "
             "PSNR/SSIM: to the reference images from the same noise. FD: evaluator features vs the held-out "
             "split (same n for every row, so rows compare; the real-vs-real floor at this n is given below). "
@@ -353,6 +354,8 @@ def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
         text += [f"FD floor (real training images vs the held-out split, n={args.n}): {args.fd_floor:.3g}", ""]
     if big:
         text += ["## Random-weight models at 512 px latent shapes (64x64 latents, batch 1, per denoiser call)", "",
+                 f"Mean of {args.big_calls} timed call(s) per row after a warm-up; a step-cache row is the mean per "
+                 "step of one full and interval - 1 cached calls. Random weights: speed only.", "",
                  markdown_table(big, ["model", "setting", "per_step_s", "speedup", "note"], floatfmt=".3g"), ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
