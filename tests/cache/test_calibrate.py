@@ -86,3 +86,15 @@ def test_drift_is_measured_on_the_cached_feature(kind):
     assert not model._forward_hooks and not model._forward_pre_hooks and "step" not in pipe.scheduler.__dict__
     steps = calibrate_full_steps(pipe, 3, lambda: generate(pipe))
     assert steps == full_steps_from_drift(expect, 3)
+
+
+def test_bench_runs_a_calibrated_setting(tmp_path):
+    """`vision-eff bench diffusion` end to end on the built-in UNet, one calibrated row (speed numbers mean nothing)."""
+    from vision_eff.cache.bench import main
+
+    out = tmp_path / "d.md"
+    assert main(["--n", "2", "--batch", "2", "--steps", "10", "--no-eval", "--models", "shapes-unet",
+                 "--only", "calibrated 8 full steps, order 1", "--out", str(out), "--gallery", str(tmp_path)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| StepCache calibrated 8")]
+    assert len(rows) == 2  # with and without merging
+    assert (tmp_path / "unet.png").exists()

@@ -284,9 +284,45 @@ def _big(name: str):
 
 @torch.no_grad()
 def _call(model, kw, t: float) -> float:
+    rest = {k: v for k, v in kw.items() if k != "hidden_states" and k != "sample"}
+    x = kw["sample"] if "sample" in kw else kw["hidden_states"]
     t0 = time.perf_counter()
-    model(**kw, timestep=torch.tensor([t]), return_dict=False)
+    model(x, timestep=torch.tensor([t]), return_dict=False, **rest)  # input positional: tomesd's hook reads args[0]
     return time.perf_counter() - t0
+
+
+def _merged_levels(model, kw, merges: list) -> str:
+    """Which self-attention layers merging changes, by token grid, measured: each ``attn1`` layer's output
+    in the merged model against the same layer run unpatched on the same inputs (so a change upstream does
+    not count), e.g. "merging changes self-attention at 32x32: 4/4, 16x16: 6/6"."""
+    import math
+
+    layers = [m for n, m in model.named_modules() if n.endswith("attn1")]
+    calls: list[tuple[torch.nn.Module, tuple, dict, torch.Tensor]] = []
+
+    def hook(mod, args, kwargs, out):
+        calls.append((mod, args, dict(kwargs), out[0] if isinstance(out, tuple) else out))
+
+    with ve.patched(model, *merges):
+        hooks = [m.register_forward_hook(hook, with_kwargs=True) for m in layers]
+        try:
+            with torch.no_grad():
+                model(**kw, timestep=torch.tensor([500.0]), return_dict=False)
+        finally:
+            for hk in hooks:
+                hk.remove()
+    levels: dict[int, list[bool]] = {}
+    with torch.no_grad():
+        for mod, args, kwargs, out in calls:
+            ref = mod(*args, **kwargs)
+            ref = ref[0] if isinstance(ref, tuple) else ref
+            n = (kwargs.get("hidden_states", args[0] if args else None)).shape[1]
+            levels.setdefault(n, []).append(not torch.equal(out, ref))
+    parts = []
+    for n in sorted(levels, reverse=True):
+        side = math.isqrt(n)
+        parts.append(f"{f'{side}x{side}' if side * side == n else f'{n} tokens'}: {sum(levels[n])}/{len(levels[n])}")
+    return "merging changes self-attention at " + ", ".join(parts)
 
 
 def bench_big(names: list[str], calls: int) -> list[dict]:
@@ -304,28 +340,33 @@ def bench_big(names: list[str], calls: int) -> list[dict]:
                    ("StepCache 3 + TokenMerge 0.5 (downsample)",
                     [ve.StepCache(interval=3, warmup=0), ve.TokenMerge(ratio=0.5, method="downsample")])]
         for title, techniques in configs:
+            note = ""
+            if any(isinstance(t, ve.TokenMerge) for t in techniques):
+                merges = [t for t in techniques if isinstance(t, ve.TokenMerge)]
+                note = _merged_levels(model, kw, merges)
             with ve.patched(model, *techniques) as h:
                 if any(isinstance(t, ve.StepCache) for t in techniques):
-                    full = _call(model, kw, 800)
-                    cached = sum(_call(model, kw, 799 - i) for i in range(calls)) / calls
+                    # `calls` rounds of one full and two cached calls (interval 3), timesteps going down
+                    full = cached = 0.0
+                    for r in range(calls):
+                        full += _call(model, kw, 800 - 3 * r)
+                        cached += _call(model, kw, 799 - 3 * r) + _call(model, kw, 798 - 3 * r)
+                    full, cached = full / calls, cached / (2 * calls)
                     per = (full + 2 * cached) / 3
-                    note = f"full {full:.2f}s, cached {cached:.2f}s"
+                    note = f"full {full:.2f}s, cached {cached:.2f}s" + ("; " + note if note else "")
                 else:
                     per = sum(_call(model, kw, 700 - i) for i in range(calls)) / calls
-                    note = ""
-                if name == "sdxl" and any(isinstance(t, ve.TokenMerge) for t in techniques):
-                    note = (note + "; " if note else "") + "merging active at 32x32 and 16x16 levels"
             rows.append(dict(model=name, setting=title, per_step_s=per, speedup=plain / per, note=note))
             print(f"[big {name}] {title}: {per:.2f}s x{plain / per:.2f} {note}", flush=True)
         if name != "pixart":
             try:
                 import tomesd
 
-                class _P:  # tomesd patches `pipe.unet`
-                    unet = model
-                tomesd.apply_patch(_P, ratio=0.5)
-                per = sum(_call(model, kw, 600 - i) for i in range(calls)) / calls
-                tomesd.remove_patch(_P)
+                tomesd.apply_patch(model, ratio=0.5)  # a bare diffusers UNet (tomesd takes a ModelMixin)
+                try:
+                    per = sum(_call(model, kw, 600 - i) for i in range(calls)) / calls
+                finally:
+                    tomesd.remove_patch(model)
                 rows.append(dict(model=name, setting="tomesd 0.5", per_step_s=per, speedup=plain / per))
                 print(f"[big {name}] tomesd: {per:.2f}s x{plain / per:.2f}", flush=True)
             except Exception as exc:
