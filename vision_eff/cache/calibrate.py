@@ -103,13 +103,8 @@ def drift_per_step(obj: Any, run: Callable[[], Any], branch: int = 0, probe: int
     order = sorted(feats)
     if len(order) < 2 or order != list(range(len(order))):
         raise RuntimeError(f"run() made model calls at steps {order[:5]}...; it must run one whole denoising loop")
-    drift = []
-    for i in range(len(order) - 1):
-        a, b = feats[i], feats[i + 1]
-        pairs = list(zip(a, b))
-        drift.append(torch.stack([((y - x).norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).mean()
-                                  for x, y in pairs]).mean())
-    return torch.stack(drift)
+    return torch.stack([torch.stack([((y - x).norm(dim=1) / y.norm(dim=1).clamp_min(1e-12)).mean()
+                                     for x, y in zip(feats[i], feats[i + 1])]).mean() for i in order[:-1]])
 
 
 def calibrate_full_steps(obj: Any, num_full: int, run: Callable[[], Any], alpha: float = 0.5,

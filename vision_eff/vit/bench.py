@@ -175,9 +175,10 @@ def bench_builtin(args, lines: list[str]) -> None:
               "unpatched model's predictions.", ""]
     lines += _table(["setting", "top-1 %", "delta", "img/s", "speed-up", "GFLOPs/img", "top-1 agree %", "KL"], rows)
     lines.append("")
-    if args.gallery and not args.smoke:
+    if args.gallery:
         folder = Path(args.gallery)
         _merge_gallery(model, x[:8], folder)
+    if args.gallery and not args.smoke:  # a smoke run's numbers mean nothing: keep them off the gallery page
         from ..gallery import GALLERY, provenance, update_section
 
         rel = os.path.relpath(folder / "merge_maps.png", GALLERY)
@@ -186,8 +187,6 @@ def bench_builtin(args, lines: list[str]) -> None:
                        f"![merge maps]({rel})\n\nTop row: held-out images; below: every patch coloured with the mean "
                        "colour of the token it was merged into, after the last block, for `TokenMerge(r=16)` and "
                        f"`TokenMerge(r=32)`.\n\n{table.strip()}\n\n{provenance()}\n")
-    elif args.gallery:
-        _merge_gallery(model, x[:8], Path(args.gallery))
 
 
 def _merge_gallery(model, images: torch.Tensor, folder: Path) -> None:
