@@ -8,6 +8,7 @@ from vision_eff.samplers import bench, cli
 
 @pytest.mark.parametrize("args", [["optimize", "oracle", "--nfe", "0", "--out", "x.json"],
                                   ["optimize", "oracle", "--samples", "1", "--out", "x.json"],
+                                  ["optimize", "oracle", "--history", "0", "--fit-coefficients", "--out", "x.json"],
                                   ["optimize", "no-such-model", "--out", "x.json"]])
 def test_optimize_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as e:
@@ -19,9 +20,11 @@ def test_optimize_rejects_bad_arguments(args, capsys):
 def test_optimize_oracle_writes_a_loadable_file(tmp_path, capsys):
     out = tmp_path / "s.json"
     assert cli.main(["optimize", "oracle", "--nfe", "3", "--samples", "12", "--evals", "6", "--reference-nfe", "16",
-                     "--out", str(out)]) == 0
+                     "--fit-coefficients", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
-    assert len(doc["sigmas"]["3"]) == 4 and "tuning RMSE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert len(doc["sigmas"]["3"]) == 4 and "tuning RMSE" in printed
+    assert "fitted_coefficients" in doc["report"]["3"]
     from vision_eff.samplers import PCMultistepScheduler
 
     s = PCMultistepScheduler.from_config(bench.BASE, schedule=str(out))

@@ -76,8 +76,10 @@ class SolverState:
     eps: list[torch.Tensor] = field(default_factory=list)  # (x - D) / sigma at each past call
     last_x: torch.Tensor | None = None  # the state the previous step started from (for the corrector)
     last_sigma: float | None = None
+    calls: int = 0  # model calls seen since the reset (the step index of a fitted solver)
 
     def push(self, sigma: float, x: torch.Tensor, denoised: torch.Tensor, keep: int) -> None:
+        self.calls += 1
         self.sigmas.append(sigma)
         self.denoised.append(denoised)
         self.eps.append((x - denoised) / sigma)
@@ -136,6 +138,40 @@ class Solver:
         return _combine(a, x, w, state.denoised[-k:])
 
 
+@dataclass(frozen=True)
+class FittedSolver:
+    """A solver whose update at each step is a learned linear combination (per model and schedule).
+
+    Step ``i`` computes ``x_{i+1} = c[0] x_i + c[1] D_i + c[2] D_{i-1} + ...`` with ``c = coefficients[i]``
+    (newest model output first). ``optimize.fit_coefficients`` fits them by least squares to a high-NFE
+    reference trajectory through the same sigmas: "improved multistep coefficients" for one model. They
+    belong to one schedule, so a run must make exactly ``len(coefficients)`` steps from the first.
+    """
+
+    coefficients: tuple[tuple[float, ...], ...]
+
+    def __post_init__(self):
+        c = self.coefficients
+        if not c or any(len(row) < 2 or not all(math.isfinite(v) for v in row) for row in c):
+            raise ValueError("fitted coefficients need, for each step, finite [a, w_newest, ...] (at least 2 values)")
+
+    @property
+    def history(self) -> int:
+        return max(len(row) for row in self.coefficients) - 1
+
+    def step(self, state: SolverState, x: torch.Tensor, sigma: float, sigma_next: float, denoised: torch.Tensor) -> torch.Tensor:
+        i = state.calls
+        if i >= len(self.coefficients):
+            raise ValueError(f"fitted coefficients cover {len(self.coefficients)} steps, this is step {i + 1}: "
+                             "they only apply to the schedule they were fitted on")
+        state.push(float(sigma), x, denoised, self.history)
+        row = self.coefficients[i]
+        ds = state.denoised[::-1][: len(row) - 1]
+        if len(ds) < len(row) - 1:
+            raise ValueError(f"step {i + 1} needs {len(row) - 1} past model outputs, the run has {len(ds)}")
+        return _combine(row[0], x, row[1:], ds)
+
+
 SOLVERS = {
     "ddim": Solver(order=1, corrector=False, final="denoise"),
     "dpmpp2m": Solver(order=2, corrector=False, final="denoise"),
@@ -144,8 +180,8 @@ SOLVERS = {
 }
 
 
-def get_solver(solver: str | Solver) -> Solver:
-    if isinstance(solver, Solver):
+def get_solver(solver: str | Solver | FittedSolver) -> Solver | FittedSolver:
+    if isinstance(solver, (Solver, FittedSolver)):
         return solver
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {', '.join(SOLVERS)} or pass a Solver(...)")
@@ -168,13 +204,15 @@ def check_sigmas(sigmas) -> list[float]:
 
 @torch.no_grad()
 def sample(denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigmas,
-           solver: str | Solver = "pc", callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+           solver: str | Solver | FittedSolver = "pc", callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """k-diffusion-style loop: ``x`` at ``sigmas[0]`` (e.g. noise * sigmas[0]) -> x at ``sigmas[-1]``.
 
     ``denoiser(x, sigma)`` gets a 0-d tensor sigma of x's dtype and returns D(x, sigma). NFE = len(sigmas) - 1.
     """
     s = check_sigmas(sigmas)
     solver = get_solver(solver)
+    if isinstance(solver, FittedSolver) and len(solver.coefficients) != len(s) - 1:
+        raise ValueError(f"fitted coefficients for {len(solver.coefficients)} steps cannot run a {len(s) - 1}-step schedule")
     state = SolverState()
     for i in range(len(s) - 1):
         d = denoiser(x, torch.tensor(s[i], dtype=x.dtype, device=x.device))

@@ -5,6 +5,11 @@ solves each to a high-NFE reference endpoint, then searches the N call sigmas (t
 sigma_max, the others move freely, kept decreasing by a log-increment parametrisation) that minimise the
 RMSE between our N-call sampler and that reference (Nelder-Mead, a fixed budget of model calls). The
 result is a small JSON schedule file that our schedulers load with ``schedule=path``.
+
+With ``coefficients=True`` it then fits, for the chosen sigmas, the update of every step as a linear
+combination of the current state and the last few model outputs (sequential least squares against the
+reference trajectory through those same sigmas, see :func:`fit_coefficients`) and keeps them when they
+beat the plain solver on held-out tuning noise: per-model "improved multistep coefficients".
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .functional import Solver, get_solver, sample
+from .functional import FittedSolver, Solver, get_solver, sample
 from .schedules import NoiseSchedule, model_fingerprint, save_schedule_file, spacing
 
 
@@ -97,11 +102,66 @@ def _z_from(sig: Sequence[float]) -> np.ndarray:
     return np.log(np.maximum(-np.diff(ls), 1e-6))
 
 
+def _fine_grid(sigmas: Sequence[float], sigma_min: float, substeps: int) -> tuple[list[float], list[int]]:
+    """A fine schedule through every sigma of ``sigmas`` (``substeps`` per interval, uniform in log sigma; the
+    step to 0 goes on to ``sigma_min`` first, as the tuning reference does) and the fine index of each
+    coarse sigma after the first."""
+    fine, idx = [float(sigmas[0])], []
+    for a, b in zip(sigmas[:-1], sigmas[1:]):
+        if b > 0:
+            seg = np.exp(np.linspace(math.log(a), math.log(b), substeps + 1))[1:].tolist()
+        else:
+            lo = min(sigma_min, a / 2)
+            seg = np.exp(np.linspace(math.log(a), math.log(lo), substeps + 1))[1:].tolist() + [0.0]
+        fine += seg
+        idx.append(len(fine) - 1)
+    return fine, idx
+
+
+def trajectory_states(denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      sigmas: Sequence[float], sigma_min: float, substeps: int = 16) -> list[torch.Tensor]:
+    """The high-accuracy ODE states at ``sigmas[1:]`` from ``x`` at ``sigmas[0]`` (order-3 PC on a fine grid)."""
+    fine, idx = _fine_grid(sigmas, sigma_min, substeps)
+    want, got = set(idx), {}
+
+    def keep(i, xi):
+        if i + 1 in want:
+            got[i + 1] = xi.clone()
+
+    sample(denoise, x.clone(), fine, Solver(order=3, corrector=True), callback=keep)
+    return [got[j] for j in idx]
+
+
+def fit_coefficients(denoise: Callable[[torch.Tensor, float], torch.Tensor], x: torch.Tensor, sigmas: Sequence[float],
+                     targets: Sequence[torch.Tensor], history: int = 3) -> list[list[float]]:
+    """Per-step coefficients ``[a, w_newest, ...]`` of a :class:`FittedSolver` by sequential least squares.
+
+    Step ``i`` runs the already fitted steps from ``x``, calls the model at ``sigmas[i]``, and solves
+    ``min || a x_i + sum_j w_j D_{i-j} - targets[i] ||`` over all samples and pixels (float64, columns
+    scaled to unit norm); the fitted state then feeds step ``i + 1``. ``denoise(x, sigma)`` takes the whole batch.
+    """
+    if len(targets) != len(sigmas) - 1:
+        raise ValueError(f"need one target state per step ({len(sigmas) - 1}), got {len(targets)}")
+    if history < 1:
+        raise ValueError(f"history must be >= 1, got {history}")
+    xi, ds, coefs = x.double(), [], []
+    for i in range(len(sigmas) - 1):
+        ds.insert(0, denoise(xi, float(sigmas[i])).double())
+        del ds[history:]
+        cols = torch.stack([f.reshape(-1) for f in [xi] + ds], 1)
+        scale = cols.norm(dim=0).clamp_min(1e-30)
+        sol = torch.linalg.lstsq(cols / scale, targets[i].double().reshape(-1, 1), driver="gelsd").solution[:, 0]
+        c = sol / scale
+        coefs.append([float(v) for v in c])
+        xi = (cols @ c).view_as(xi)
+    return coefs
+
+
 def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str | None = None, samples: int = 64,
                       seed: int = 1234, reference_nfe: int = 100, max_evals: int = 80, solver: str | Solver = "pc",
                       guidance_scale: float = 1.0, batch_size: int = 64, progress: bool = True,
                       init: str = "jump", sigma_data: float | Sequence[float] = 0.5, orders: Sequence[int] | None = None,
-                      validate: bool = True) -> dict:
+                      validate: bool = True, coefficients: bool = False, history: int = 3) -> dict:
     """Find the call sigmas for each NFE in ``nfe`` that best match a ``reference_nfe``-call trajectory.
 
     Model cost: ``samples * reference_nfe`` + ``max_evals * samples * N`` per NFE. Returns the schedule file's
@@ -111,6 +171,9 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     A list of ``sigma_data`` values starts one search from each "jump" schedule (multi-start).
     With ``validate`` (default) another ``samples // 2`` tuning-noise samples pick among the start schedule and
     the optimized ones, so the result does not overfit the tuning batch.
+    ``coefficients`` also fits per-step update coefficients (``history`` past model outputs) on the chosen
+    sigmas, at a cost of ``samples * reference_nfe`` more calls per NFE, and keeps them where they win on
+    the held-out tuning noise (the file's ``coefficients``; our schedulers use them unless told not to).
     """
     from scipy.optimize import minimize
     from tqdm.auto import tqdm
@@ -132,11 +195,11 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     x_all = noise * math.sqrt(1 + smax * smax) if not ns.flow else noise * (1 + smax)
     calls = [0]
 
-    def run(sig, x, lab):
+    def run(sig, x, lab, how=None):
         def den(xv, s):
             calls[0] += 1
             return target.denoise(xv, float(s), lab)
-        return sample(den, x.clone(), sig, solver)
+        return sample(den, x.clone(), sig, how or solver)
 
     t0 = time.time()
     ref_sig = spacing("logsnr", reference_nfe, ns.sigma_min, smax)
@@ -145,12 +208,33 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     lab_val = labels[samples:] if labels is not None else None
     labels = labels[:samples] if labels is not None else None
 
-    def val_rmse(sig):
-        y = _batched(lambda x, lab: run(sig, x, lab), x_val, lab_val, batch_size)
+    def val_rmse(sig, how=None):
+        if not validate:
+            return float("nan")
+        y = _batched(lambda x, lab: run(sig, x, lab, how), x_val, lab_val, batch_size)
         return (y.double() - ref_val.double()).pow(2).mean().sqrt().item()
-    results, report = {}, {"samples": samples, "seed": seed, "reference_nfe": reference_nfe, "solver": repr(solver)}
+
+    def fit(sig):  # per-step coefficients on the tuning noise for the schedule ``sig``
+        sub = max(4, math.ceil(reference_nfe / (len(sig) - 1)))
+        parts = []
+        for i in range(0, samples, batch_size):
+            lab = labels[i:i + batch_size] if labels is not None else None
+            parts.append(trajectory_states(lambda xv, s, lab=lab: run_den(xv, s, lab), x_start[i:i + batch_size], sig,
+                                           ns.sigma_min, sub))
+        targets = [torch.cat([p[j] for p in parts]) for j in range(len(sig) - 1)]
+
+        def den_all(xv, s):
+            return _batched(lambda x, lab: run_den(x, s, lab), xv, labels, batch_size).double()
+        return fit_coefficients(den_all, x_start, sig, targets, history)
+
+    def run_den(xv, s, lab):
+        calls[0] += 1
+        return target.denoise(xv.to(work), float(s), lab)
+
+    results, report = {}, {"samples": samples, "seed": seed, "reference_nfe": reference_nfe, "solver": repr(solver),
+                           "guidance_scale": guidance_scale}
     orders = list(orders) if orders else [solver.order]
-    chosen = {}
+    chosen, fitted = {}, {}
     sds = [sigma_data] if isinstance(sigma_data, (int, float)) else list(sigma_data)
     bar = tqdm(total=max_evals * len(nfes) * len(orders) * len(sds), desc="optimize schedule", disable=not progress)
     for n in nfes:
@@ -173,15 +257,25 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
             before = loss(z0)
             res = minimize(loss, z0, method="Nelder-Mead", options=dict(maxfev=max(max_evals - 1, 1), xatol=1e-3, fatol=1e-6))
             after = float(min(res.fun, before))
-            cands = [(z0, before), (res.x, float(res.fun))]
-            for z, tune in cands:  # pick on held-out noise (or on the tuning noise without validation)
-                score = val_rmse(_sigmas_from(z, smax)) if validate else tune
-                if best is None or score < best[0]:
-                    best = (score, z, order, before, tune, init_sig)
-        score, best_z, order, before, after, init_sig = best
+            for z, tune in [(z0, before), (res.x, float(res.fun))]:
+                # pick on held-out noise (or on the tuning noise without validation), with and without fitting
+                sig = _sigmas_from(z, smax)
+                options = [(val_rmse(sig) if validate else tune, tune, None)]
+                if coefficients:
+                    c = fit(sig)
+                    how = FittedSolver(tuple(tuple(r) for r in c))
+                    t_fit = (_batched(lambda x, lab: run(sig, x, lab, how), x_start, labels, batch_size).double()
+                             - ref.double()).pow(2).mean().sqrt().item()
+                    options.append((val_rmse(sig, how) if validate else t_fit, t_fit, c))
+                for score, t, c in options:
+                    if best is None or score < best[0]:
+                        best = (score, z, order, before, t, init_sig, c)
+        score, best_z, order, before, after, init_sig, c = best
         results[n], chosen[n] = _sigmas_from(best_z, smax), order
         report[str(n)] = {"rmse_before": before, "rmse_after": after, "validation_rmse": score if validate else None,
-                          "order": order, "init": init_sig}
+                          "order": order, "init": init_sig, "fitted_coefficients": c is not None}
+        if c is not None:
+            fitted[n] = c
         bar.set_postfix(nfe=n, before=f"{before:.4f}", after=f"{after:.4f}")
     bar.close()
     report["model_calls"] = calls[0]
@@ -192,16 +286,19 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
                       "final_order": solver.final_order},
            "sigmas": {str(k): [float(v) for v in s] for k, s in sorted(results.items())},
            "orders": {str(k): o for k, o in sorted(chosen.items())}, "report": report}
+    if fitted:
+        doc["coefficients"] = {str(k): c for k, c in sorted(fitted.items())}
     if out is not None:
         save_schedule_file(out, model=doc["model"], fingerprint=doc["fingerprint"], noise=ns,
                            prediction_type=doc["prediction_type"], solver=doc["solver"],
-                           schedules=results, report=report, orders=chosen)
+                           schedules=results, report=report, orders=chosen, coefficients=fitted)
     return doc
 
 
-def use_schedule(pipe, schedule, scheduler_cls=None):
+def use_schedule(pipe, schedule, scheduler_cls=None, fitted_coefficients: bool = True):
     """Swap ``pipe.scheduler`` for our scheduler with ``schedule`` (a file or dict), after checking it was
-    optimized for this very model (parameter fingerprint), not just the same noise schedule."""
+    optimized for this very model (parameter fingerprint), not just the same noise schedule. The file's
+    fitted per-step coefficients are used unless ``fitted_coefficients=False``."""
     from .schedules import check_schedule_matches, read_schedule_file
     from .schedulers import PCMultistepScheduler
 
@@ -212,5 +309,5 @@ def use_schedule(pipe, schedule, scheduler_cls=None):
     solver = doc.get("solver") or {}
     extra = {k: v for k, v in (("predictor_order", solver.get("order")), ("final_step", solver.get("final")),
                                  ("final_order", solver.get("final_order"))) if v is not None}
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, schedule=doc, **extra)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, schedule=doc, fitted_coefficients=fitted_coefficients, **extra)
     return pipe.scheduler

@@ -12,7 +12,6 @@ noise level than its solver assumes).
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutput
 
-from .functional import Solver, SolverState, check_sigmas
+from .functional import FittedSolver, Solver, SolverState, check_sigmas
 from .schedules import SPACINGS, NoiseSchedule, check_schedule_matches, read_schedule_file, spacing
 
 logger = logging.getLogger(__name__)
@@ -36,7 +35,10 @@ class ODESchedulerBase(SchedulerMixin, ConfigMixin):
     Schedule options: ``spacing="jump"`` (default: one call at sigma_max, then ``num_inference_steps - 1``
     calls uniform in log-SNR from ``20 * sigma_data`` down to ``0.2 * sigma_data``, then the final step
     to 0) or "polylog" / "karras" / "logsnr" / "time" from sigma_max to sigma_min. ``schedule`` is a
-    schedule file from ``optimize_schedule`` (its optimized sigmas replace the spacing at the NFEs it has).
+    schedule file from ``optimize_schedule`` (its optimized sigmas replace the spacing at the NFEs it has,
+    and where it has fitted per-step coefficients for that NFE they replace the update rule, unless
+    ``fitted_coefficients=False``; they apply to a whole run from the first step, so img2img from a later
+    step falls back to the plain rule).
     """
 
     order = 1
@@ -62,6 +64,7 @@ class ODESchedulerBase(SchedulerMixin, ConfigMixin):
         final_order: int = 2,
         final_sigma: str = "zero",
         schedule: str | dict | None = None,
+        fitted_coefficients: bool = True,
     ):
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type {prediction_type!r} is not supported; use one of {', '.join(PREDICTION_TYPES)}")
@@ -181,12 +184,16 @@ class ODESchedulerBase(SchedulerMixin, ConfigMixin):
             if s[-2] <= s[-1]:
                 s = s[:-1]
         s = check_sigmas(s)
-        order = self.config.predictor_order
-        sched = self.config.schedule
-        if num_inference_steps is not None and sched is not None and str(num_inference_steps) in (sched.get("orders") or {}):
-            order = int(sched["orders"][str(num_inference_steps)])  # the order the schedule was optimized with
-        if order != self.solver.order:
-            self.solver = dataclasses.replace(self.solver, order=order)
+        cfg = self.config
+        order, sched = cfg.predictor_order, cfg.schedule
+        key = str(num_inference_steps) if num_inference_steps is not None and sched is not None else None
+        if key in (sched or {}).get("orders", {}):
+            order = int(sched["orders"][key])  # the order the schedule was optimized with
+        self._plain_solver = Solver(order=order, corrector=self.corrector, final=cfg.final_step, final_order=cfg.final_order)
+        self.solver = self._plain_solver
+        coefs = (sched or {}).get("coefficients", {}).get(key) if cfg.fitted_coefficients else None
+        if coefs is not None and s == [float(v) for v in sched["sigmas"][key]]:
+            self.solver = FittedSolver(tuple(tuple(float(v) for v in row) for row in coefs))
         self._sig = s
         self.sigmas = torch.tensor(s, dtype=torch.float32)
         t = ns.sigma_to_t(np.asarray(s[:-1]))
@@ -230,6 +237,9 @@ class ODESchedulerBase(SchedulerMixin, ConfigMixin):
         x, out = sample.to(work), model_output.to(work)
         sigma, sigma_next = self._sig[i], self._sig[i + 1]
         denoised = self._to_denoised(out, x, sigma)
+        if isinstance(self.solver, FittedSolver) and self._state.calls != i:
+            logger.warning("fitted coefficients apply from the first step; starting at step %d uses the plain solver", i)
+            self.solver = self._plain_solver
         x_ve = self.solver.step(self._state, x / self._alpha(sigma), sigma, sigma_next, denoised)
         prev = (x_ve * self._alpha(sigma_next)).to(sample.dtype)
         self._step_index = i + 1

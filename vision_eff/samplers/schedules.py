@@ -160,13 +160,16 @@ def model_fingerprint(module: torch.nn.Module) -> str:
 
 def save_schedule_file(path: str | Path, *, model: str, fingerprint: str | None, noise: NoiseSchedule,
                        prediction_type: str, solver: dict, schedules: dict[int, list[float]], report: dict,
-                       orders: dict[int, int] | None = None) -> Path:
+                       orders: dict[int, int] | None = None,
+                       coefficients: dict[int, list[list[float]]] | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"format": "vision-eff-schedule", "version": SCHEDULE_FILE_VERSION, "model": model,
            "fingerprint": fingerprint, "noise_schedule": noise.identity(), "prediction_type": prediction_type,
            "solver": solver, "sigmas": {str(k): [float(v) for v in s] for k, s in sorted(schedules.items())},
            "orders": {str(k): int(v) for k, v in sorted((orders or {}).items())}, "report": report}
+    if coefficients:
+        doc["coefficients"] = {str(k): [[float(v) for v in row] for row in c] for k, c in sorted(coefficients.items())}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 
@@ -187,6 +190,10 @@ def read_schedule_file(path: str | Path | dict) -> dict:
         raise ValueError(f"{path!r} is not a vision-eff schedule file (made by `vision-eff samplers optimize`)")
     if doc.get("version") != SCHEDULE_FILE_VERSION:
         raise ValueError(f"schedule file version {doc.get('version')} is not supported (expected {SCHEDULE_FILE_VERSION})")
+    for n, rows in (doc.get("coefficients") or {}).items():
+        if n not in doc.get("sigmas", {}) or len(rows) != len(doc["sigmas"][n]) - 1:
+            raise ValueError(f"schedule file for {doc.get('model')!r}: the fitted coefficients for NFE {n} do not match its sigmas "
+                             "(one row per step): the file is corrupt; optimize the schedule again")
     return doc
 
 
