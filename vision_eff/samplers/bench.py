@@ -214,17 +214,22 @@ def model_generate(model_name, nfes, n_images, seed, guidance, batch, schedule_f
            "ref_steps": ref_steps, "n": n_images}
     log(f"{model_name}: {ref_steps}-step reference in {time.time() - t0:.0f}s")
     configs = {"ours:pc3": lambda: PCMultistepScheduler.from_config(base_config)}
+    has = {}  # the NFEs a schedule-file row exists for
     if schedule_file is not None and Path(schedule_file).exists():
         from .optimize import use_schedule
-
         from .schedules import read_schedule_file
 
+        doc = read_schedule_file(schedule_file)
         configs["ours:pc+opt"] = lambda: use_schedule(pipe, schedule_file, fitted_coefficients=False)
-        if read_schedule_file(schedule_file).get("coefficients"):
+        has["ours:pc+opt"] = set(doc["sigmas"])
+        if doc.get("coefficients"):
             configs["ours:pc+opt+fit"] = lambda: use_schedule(pipe, schedule_file)
+            has["ours:pc+opt+fit"] = set(doc["coefficients"])
     configs.update({k: (lambda k=k: peer_scheduler(k, base_config)) for k in (peers or MODEL_PEERS)})
     for name, make in configs.items():
         for n in nfes:
+            if name in has and str(n) not in has[name]:
+                continue
             t1 = time.time()
             pipe.scheduler = make()
             x = _pipe_images(pipe, labels, noise, n, guidance, batch)
@@ -313,7 +318,7 @@ def model_markdown(model_name, res, nfes, command, guidance) -> str:
 def save_grid(model_name, res, nfes, out_dir: Path) -> Path:
     peers = [k for k in {k for k, _ in res["rmse"]} if not k.startswith("ours")]
     best_peer = min(peers, key=lambda k: np.mean([res["rmse"][k, n] for n in nfes]))
-    ours = next(k for k in ("ours:pc+opt+fit", "ours:pc+opt", "ours:pc3") if (k, nfes[0]) in res["rmse"])
+    ours = next(k for k in ("ours:pc+opt+fit", "ours:pc+opt", "ours:pc3") if all((k, n) in res["rmse"] for n in nfes))
     k = 8
     panels = [(f"{ours} (rows: NFE {', '.join(map(str, nfes))}, reference)",
                torch.cat([res["images"][ours, n][:k] for n in nfes] + [res["ref_images"][:k]])),

@@ -195,11 +195,12 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     x_all = noise * math.sqrt(1 + smax * smax) if not ns.flow else noise * (1 + smax)
     calls = [0]
 
+    def run_den(xv, s, lab):
+        calls[0] += 1
+        return target.denoise(xv.to(work), float(s), lab)
+
     def run(sig, x, lab, how=None):
-        def den(xv, s):
-            calls[0] += 1
-            return target.denoise(xv, float(s), lab)
-        return sample(den, x.clone(), sig, how or solver)
+        return sample(lambda xv, s: run_den(xv, s, lab), x.clone(), sig, how or solver)
 
     t0 = time.time()
     ref_sig = spacing("logsnr", reference_nfe, ns.sigma_min, smax)
@@ -226,10 +227,6 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
         def den_all(xv, s):
             return _batched(lambda x, lab: run_den(x, s, lab), xv, labels, batch_size).double()
         return fit_coefficients(den_all, x_start, sig, targets, history)
-
-    def run_den(xv, s, lab):
-        calls[0] += 1
-        return target.denoise(xv.to(work), float(s), lab)
 
     results, report = {}, {"samples": samples, "seed": seed, "reference_nfe": reference_nfe, "solver": repr(solver),
                            "guidance_scale": guidance_scale}
