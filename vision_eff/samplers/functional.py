@@ -155,6 +155,11 @@ class FittedSolver:
         if not c or any(len(row) < 2 or not all(math.isfinite(v) for v in row) for row in c):
             raise ValueError("fitted coefficients need, for each step, finite [a, w_newest, ...] (at least 2 values)")
 
+    @classmethod
+    def from_rows(cls, rows) -> "FittedSolver":
+        """From nested lists (a schedule file's ``coefficients`` for one NFE)."""
+        return cls(tuple(tuple(float(v) for v in row) for row in rows))
+
     @property
     def history(self) -> int:
         return max(len(row) for row in self.coefficients) - 1

@@ -6,7 +6,7 @@ sigma_max, the others move freely, kept decreasing by a log-increment parametris
 RMSE between our N-call sampler and that reference (Nelder-Mead, a fixed budget of model calls). The
 result is a small JSON schedule file that our schedulers load with ``schedule=path``.
 
-With ``coefficients=True`` it then fits, for the chosen sigmas, the update of every step as a linear
+With ``coefficients=True`` it also fits, for each candidate schedule, the update of every step as a linear
 combination of the current state and the last few model outputs (sequential least squares against the
 reference trajectory through those same sigmas, see :func:`fit_coefficients`) and keeps them when they
 beat the plain solver on held-out tuning noise: per-model "improved multistep coefficients".
@@ -171,8 +171,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     A list of ``sigma_data`` values starts one search from each "jump" schedule (multi-start).
     With ``validate`` (default) another ``samples // 2`` tuning-noise samples pick among the start schedule and
     the optimized ones, so the result does not overfit the tuning batch.
-    ``coefficients`` also fits per-step update coefficients (``history`` past model outputs) on the chosen
-    sigmas, at a cost of ``samples * reference_nfe`` more calls per NFE, and keeps them where they win on
+    ``coefficients`` also fits per-step update coefficients (``history`` past model outputs) to each candidate
+    schedule, at a cost of ``samples * reference_nfe`` more calls per candidate, and keeps them where they win on
     the held-out tuning noise (the file's ``coefficients``; our schedulers use them unless told not to).
     """
     from scipy.optimize import minimize
@@ -209,11 +209,10 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     lab_val = labels[samples:] if labels is not None else None
     labels = labels[:samples] if labels is not None else None
 
-    def val_rmse(sig, how=None):
-        if not validate:
-            return float("nan")
-        y = _batched(lambda x, lab: run(sig, x, lab, how), x_val, lab_val, batch_size)
-        return (y.double() - ref_val.double()).pow(2).mean().sqrt().item()
+    def rmse(sig, how=None, held_out=False):  # of our sampler on the tuning (or held-out tuning) noise
+        xs, labs, target_x = (x_val, lab_val, ref_val) if held_out else (x_start, labels, ref)
+        y = _batched(lambda x, lab: run(sig, x, lab, how), xs, labs, batch_size)
+        return (y.double() - target_x.double()).pow(2).mean().sqrt().item()
 
     def fit(sig):  # per-step coefficients on the tuning noise for the schedule ``sig``
         sub = max(4, math.ceil(reference_nfe / (len(sig) - 1)))
@@ -244,10 +243,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
             solver = Solver(order=order, corrector=solver.corrector, final=solver.final, final_order=solver.final_order)
 
             def loss(z):
-                sig = _sigmas_from(z, smax)
-                y = _batched(lambda x, lab: run(sig, x, lab), x_start, labels, batch_size)
+                v = rmse(_sigmas_from(z, smax))
                 bar.update(1)
-                v = (y.double() - ref.double()).pow(2).mean().sqrt().item()
                 return v if math.isfinite(v) else 1e9
 
             z0 = _z_from(init_sig)
@@ -257,13 +254,12 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
             for z, tune in [(z0, before), (res.x, float(res.fun))]:
                 # pick on held-out noise (or on the tuning noise without validation), with and without fitting
                 sig = _sigmas_from(z, smax)
-                options = [(val_rmse(sig) if validate else tune, tune, None)]
+                options = [(rmse(sig, held_out=True) if validate else tune, tune, None)]
                 if coefficients:
                     c = fit(sig)
-                    how = FittedSolver(tuple(tuple(r) for r in c))
-                    t_fit = (_batched(lambda x, lab: run(sig, x, lab, how), x_start, labels, batch_size).double()
-                             - ref.double()).pow(2).mean().sqrt().item()
-                    options.append((val_rmse(sig, how) if validate else t_fit, t_fit, c))
+                    how = FittedSolver.from_rows(c)
+                    t_fit = rmse(sig, how)
+                    options.append((rmse(sig, how, held_out=True) if validate else t_fit, t_fit, c))
                 for score, t, c in options:
                     if best is None or score < best[0]:
                         best = (score, z, order, before, t, init_sig, c)

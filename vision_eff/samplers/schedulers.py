@@ -193,7 +193,7 @@ class ODESchedulerBase(SchedulerMixin, ConfigMixin):
         self.solver = self._plain_solver
         coefs = (sched or {}).get("coefficients", {}).get(key) if cfg.fitted_coefficients else None
         if coefs is not None and s == [float(v) for v in sched["sigmas"][key]]:
-            self.solver = FittedSolver(tuple(tuple(float(v) for v in row) for row in coefs))
+            self.solver = FittedSolver.from_rows(coefs)
         self._sig = s
         self.sigmas = torch.tensor(s, dtype=torch.float32)
         t = ns.sigma_to_t(np.asarray(s[:-1]))
