@@ -161,3 +161,34 @@ def test_optimize_schedule_fits_and_records_coefficients(tmp_path):
     plain = optimize_schedule(digits_mixture(), nfe=3, samples=24, seed=5, max_evals=4, reference_nfe=24,
                               progress=False)
     assert rep["validation_rmse"] <= plain["report"]["3"]["validation_rmse"] + 1e-12
+
+
+def test_resample_keeps_the_ends_and_the_shape():
+    from vision_eff.samplers.optimize import _resample
+
+    sig = [100.0, 10.0, 1.0, 0.1, 0.0]
+    for n in (2, 4, 6, 9):
+        out = _resample(sig, n)
+        assert len(out) == n + 1 and out[-1] == 0.0
+        assert out[0] == 100.0 and abs(out[-2] - 0.1) < 1e-12
+        assert all(a > b for a, b in zip(out[:-1], out[1:]))
+    # resampling to the same count is the identity; log-uniform stays log-uniform
+    assert max(abs(a - b) for a, b in zip(_resample(sig, 4), sig)) < 1e-9
+    import numpy as np
+
+    mid = np.log(_resample(sig, 7)[:-1])
+    assert np.allclose(np.diff(mid), np.diff(mid)[0])
+
+
+def test_warm_start_only_adds_candidates():
+    from vision_eff.samplers.optimize import optimize_schedule
+    from vision_eff.samplers.oracle import digits_mixture
+
+    kw = dict(nfe=[4, 3], samples=16, seed=3, max_evals=3, reference_nfe=20, progress=False)
+    warm = optimize_schedule(digits_mixture(), **kw)
+    cold = optimize_schedule(digits_mixture(), warm_start=False, **kw)
+    assert warm["report"]["3"]["start"] == "init"  # NFEs run in increasing order: nothing to warm-start NFE 3
+    assert warm["sigmas"]["3"] == cold["sigmas"]["3"]
+    # NFE 4 chooses among a superset of the cold candidates, by the same held-out score
+    assert warm["report"]["4"]["validation_rmse"] <= cold["report"]["4"]["validation_rmse"] + 1e-12
+    assert warm["report"]["4"]["start"] in ("init", "warm")

@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also fit per-step update coefficients to each candidate schedule (kept where they win on "
                         "held-out tuning noise; costs samples x reference-nfe more calls per candidate)")
     o.add_argument("--history", type=int, default=3, help="past model outputs per fitted step")
+    o.add_argument("--no-warm-start", action="store_true",
+                   help="do not also start each NFE's search from the previous NFE's optimized schedule")
     o.add_argument("--guidance", type=float, default=1.0)
     o.add_argument("--batch", type=int, default=64)
     a = p.parse_args(argv)
@@ -55,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = optimize_schedule(target, nfe=a.nfe, out=a.out, samples=a.samples, seed=a.seed, max_evals=a.evals,
                             reference_nfe=a.reference_nfe, solver=Solver(order=a.order, corrector=True),
                             guidance_scale=a.guidance, batch_size=a.batch, sigma_data=a.sigma_data, orders=a.orders,
-                            coefficients=a.fit_coefficients, history=a.history)
+                            coefficients=a.fit_coefficients, history=a.history, warm_start=not a.no_warm_start)
     rep = doc["report"]
     for n in a.nfe:
         if str(n) in rep:

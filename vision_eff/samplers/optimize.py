@@ -102,6 +102,16 @@ def _z_from(sig: Sequence[float]) -> np.ndarray:
     return np.log(np.maximum(-np.diff(ls), 1e-6))
 
 
+def _resample(sigmas: Sequence[float], n: int) -> list[float]:
+    """An ``n``-call schedule shaped like ``sigmas`` (another call count): log sigma of the positive sigmas
+    interpolated over the normalised step index, so the first and last positive sigmas stay where they are."""
+    ls = np.log(np.asarray(sigmas[:-1], dtype=np.float64))
+    if n == 1 or len(ls) == 1:
+        return [float(sigmas[0]), 0.0]
+    new = np.exp(np.interp(np.linspace(0.0, 1.0, n), np.linspace(0.0, 1.0, len(ls)), ls))
+    return [float(sigmas[0])] + new[1:].tolist() + [0.0]
+
+
 def _fine_grid(sigmas: Sequence[float], sigma_min: float, substeps: int) -> tuple[list[float], list[int]]:
     """A fine schedule through every sigma of ``sigmas`` (``substeps`` per interval, uniform in log sigma; the
     step to 0 goes on to ``sigma_min`` first, as the tuning reference does) and the fine index of each
@@ -161,7 +171,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
                       seed: int = 1234, reference_nfe: int = 100, max_evals: int = 80, solver: str | Solver = "pc",
                       guidance_scale: float = 1.0, batch_size: int = 64, progress: bool = True,
                       init: str = "jump", sigma_data: float | Sequence[float] = 0.5, orders: Sequence[int] | None = None,
-                      validate: bool = True, coefficients: bool = False, history: int = 3) -> dict:
+                      validate: bool = True, coefficients: bool = False, history: int = 3,
+                      warm_start: bool = True) -> dict:
     """Find the call sigmas for each NFE in ``nfe`` that best match a ``reference_nfe``-call trajectory.
 
     Model cost: ``samples * reference_nfe`` + ``max_evals * samples * N`` per NFE. Returns the schedule file's
@@ -174,6 +185,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     ``coefficients`` also fits per-step update coefficients (``history`` past model outputs) to each candidate
     schedule, at a cost of ``samples * reference_nfe`` more calls per candidate, and keeps them where they win on
     the held-out tuning noise (the file's ``coefficients``; our schedulers use them unless told not to).
+    ``warm_start`` (default) runs the NFEs in increasing order and also starts each search from the previous
+    NFE's optimized schedule, resampled to the new call count (one more search per order).
     """
     from scipy.optimize import minimize
     from tqdm.auto import tqdm
@@ -181,6 +194,7 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     nfes = [nfe] if isinstance(nfe, (int, np.integer)) else list(nfe)
     if not nfes or any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 for n in nfes):
         raise ValueError(f"nfe must be an integer >= 1 or a list of them, got {nfe!r}")
+    nfes = sorted(set(int(n) for n in nfes))
     if samples < 2:
         raise ValueError(f"samples must be >= 2, got {samples}")
     target = as_target(model_or_pipe, guidance_scale)
@@ -232,14 +246,21 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     orders = list(orders) if orders else [solver.order]
     chosen, fitted = {}, {}
     sds = [sigma_data] if isinstance(sigma_data, (int, float)) else list(sigma_data)
-    bar = tqdm(total=max_evals * len(nfes) * len(orders) * len(sds), desc="optimize schedule", disable=not progress)
+    searched = [n for n in nfes if n > 1]
+    warm = max(0, len(searched) - 1) if warm_start else 0
+    bar = tqdm(total=max_evals * len(orders) * (len(searched) * len(sds) + warm), desc="optimize schedule",
+               disable=not progress)
+    prev = None  # the previous NFE's optimized sigmas (warm start)
     for n in nfes:
         if n == 1:
             results[n] = [smax, 0.0]
             continue
         best = None
-        for order, sd in [(o, sd) for sd in sds for o in orders]:
-            init_sig = spacing(init, n, ns.sigma_min, smax, ns, sigma_data=sd).tolist()
+        starts = [(o, spacing(init, n, ns.sigma_min, smax, ns, sigma_data=sd).tolist(), "init")
+                  for sd in sds for o in orders]
+        if warm_start and prev is not None:
+            starts += [(o, _resample(prev, n), "warm") for o in orders]
+        for order, init_sig, kind in starts:
             solver = Solver(order=order, corrector=solver.corrector, final=solver.final, final_order=solver.final_order)
 
             def loss(z):
@@ -262,11 +283,12 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
                     options.append((rmse(sig, how, held_out=True) if validate else t_fit, t_fit, c))
                 for score, t, c in options:
                     if best is None or score < best[0]:
-                        best = (score, z, order, before, t, init_sig, c)
-        score, best_z, order, before, after, init_sig, c = best
+                        best = (score, z, order, before, t, init_sig, c, kind)
+        score, best_z, order, before, after, init_sig, c, kind = best
         results[n], chosen[n] = _sigmas_from(best_z, smax), order
+        prev = results[n]
         report[str(n)] = {"rmse_before": before, "rmse_after": after, "validation_rmse": score if validate else None,
-                          "order": order, "init": init_sig, "fitted_coefficients": c is not None}
+                          "order": order, "init": init_sig, "start": kind, "fitted_coefficients": c is not None}
         if c is not None:
             fitted[n] = c
         bar.set_postfix(nfe=n, before=f"{before:.4f}", after=f"{after:.4f}")
