@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--iters must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "vision-eff bench vit " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "vision-eff bench vit " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     lines = ["# vision-eff bench vit", "", *_environment(), f"- command: `{command.strip()}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
