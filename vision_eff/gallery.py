@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import platform
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -37,11 +38,16 @@ def git_commit(short: bool = True) -> str:
         return "unknown"
 
 
+def command_line(prog: str, argv: Sequence[str] | None = None) -> str:
+    """``prog`` and its arguments (``sys.argv[1:]`` by default), shell-quoted so the line can be rerun."""
+    return " ".join([prog, *(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))])
+
+
 def provenance(command: str | None = None) -> str:
     """One Markdown line: command, machine, library versions, commit, date."""
     import diffusers
 
-    cmd = command or "vision-eff " + " ".join(sys.argv[1:])
+    cmd = command or command_line("vision-eff")
     cpu = f"{platform.machine()}, {torch.get_num_threads()} threads"
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({cpu})"
     return (f"`{cmd}` on {dev}; torch {torch.__version__}, diffusers {diffusers.__version__}; "

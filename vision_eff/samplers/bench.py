@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..gallery import REPO_ROOT, labelled_panels, markdown_table, provenance, update_section
+from ..gallery import REPO_ROOT, command_line, labelled_panels, markdown_table, provenance, update_section
 from .oracle import checked_endpoint, digits_mixture, gaussian_fd
 from .schedulers import ExpMultistepScheduler, PCMultistepScheduler
 from .schedules import NoiseSchedule
@@ -362,8 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.seed == a.tune_seed:
         p.error("--tune-seed must differ from --seed (tuning and evaluation noise must differ)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    args = list(argv) if argv is not None else sys.argv[1:]
-    command = "vision-eff bench samplers " + " ".join(repr(x) if x == "" else x for x in args)
+    command = command_line("vision-eff bench samplers", argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not a.skip_oracle:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import shlex
 import statistics
 import subprocess
 import sys
@@ -288,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--iters must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "vision-eff bench vit " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
+    from ..gallery import command_line
+
+    command = command_line("vision-eff bench vit", argv)
     lines = ["# vision-eff bench vit", "", *_environment(), f"- command: `{command.strip()}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
