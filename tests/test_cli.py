@@ -20,6 +20,9 @@ def run_cli(*args):
     (["zoo", "train", "nope"], "invalid choice"),
     (["bench", "bogus"], "invalid choice"),
     (["zoo", "train", "shapes-unet", "--init-from", "/nonexistent.safetensors"], "no weights file"),
+    (["zoo", "train", "shapes-dit", "--teacher", "shapes-dit"], "from another one"),
+    (["zoo", "train", "shapes-classifier", "--teacher", "shapes-unet"], "only a built-in diffusion model"),
+    (["zoo", "train", "shapes-dit", "--teacher", "shapes-vit"], "invalid choice"),
     (["generate", "--cache-interval", "0"], "--cache-interval must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):

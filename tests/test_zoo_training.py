@@ -92,3 +92,73 @@ def test_min_snr_loss_is_the_clipped_snr_weighted_x0_error(prediction_type):
 def test_bad_loss_name_is_rejected():
     with pytest.raises(ValueError, match="min_snrG"):
         train_mod._Objective("shapes-unet", zoo.build("shapes-unet"), loss="snr")
+
+
+@pytest.mark.parametrize("source", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("target", ["epsilon", "v_prediction", "sample"])
+def test_convert_prediction_maps_between_the_three_parameterisations(source, target):
+    """Against the definitions in float64: x_t = sqrt(a) x0 + sqrt(1-a) eps, v = sqrt(a) eps - sqrt(1-a) x0."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.999, 0.5, 0.01], dtype=torch.float64).view(3, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    forms = {"epsilon": eps, "sample": x0, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0}
+    got = train_mod.convert_prediction(forms[source], xt, a, source, target)
+    torch.testing.assert_close(got, forms[target], rtol=1e-9, atol=1e-9)
+
+
+def test_convert_prediction_rejects_unknown_types():
+    with pytest.raises(ValueError, match="prediction types"):
+        train_mod.convert_prediction(torch.zeros(1), torch.zeros(1), torch.ones(1), "flow", "epsilon")
+
+
+def _dit_teacher_of(transformer):
+    """A ShapesDiTPipeline around a frozen copy of ``transformer`` (the teacher interface the objective uses)."""
+    import copy
+
+    from vision_eff.zoo.pipeline import ShapesDiTPipeline
+
+    return ShapesDiTPipeline(transformer=copy.deepcopy(transformer).eval(), scheduler=zoo.default_scheduler("shapes-dit"))
+
+
+def test_distilling_from_an_identical_teacher_gives_zero_loss_with_dropped_labels():
+    """The student's labels are dropped exactly where the teacher's are: one drop per sample for every
+    DiT block (diffusers' DiT gives each block its own label embedding, which would otherwise drop on
+    its own), so a student identical to its teacher has zero loss even with half the labels dropped."""
+    torch.manual_seed(0)
+    modules = zoo.build("shapes-dit")
+    teacher = _dit_teacher_of(modules["transformer"])
+    obj = train_mod._Objective("shapes-dit", modules, 0.5, None, "mse", teacher=teacher).train()
+    x0 = torch.rand(8, 3, 32, 32) * 2 - 1
+    loss = obj(x0, torch.arange(8) % NUM_CLASSES, torch.Generator().manual_seed(1))
+    assert loss.item() < 1e-10
+    # the control: training the same pair without the teacher (the DiT's own per-block dropout) is not zero
+    plain = train_mod._Objective("shapes-dit", zoo.build("shapes-dit"), 0.1, None, "mse").train()
+    assert plain(x0, torch.arange(8) % NUM_CLASSES, torch.Generator().manual_seed(1)).item() > 1e-3
+
+
+def test_distillation_target_is_the_teachers_prediction_in_the_students_parameterisation():
+    torch.manual_seed(0)
+    student = zoo.build("shapes-dit")
+    teacher_modules = zoo.build("shapes-dit")
+    teacher = _dit_teacher_of(teacher_modules["transformer"])
+    obj = train_mod._Objective("shapes-dit", student, 0.0, "v_prediction", "mse", teacher=teacher).train()
+    seen = {}
+
+    def spy(mod, args, kwargs, out):
+        seen.update(xt=args[0], t=args[1], out=out.sample)
+
+    student["transformer"].register_forward_hook(spy, with_kwargs=True)
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    labels = torch.arange(4)
+    loss = obj(x0, labels, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_target = teacher.transformer(seen["xt"], seen["t"], class_labels=labels).sample
+    torch.testing.assert_close(loss, (seen["out"] - ref_target).square().mean(), rtol=1e-5, atol=0)
+
+
+def test_a_model_cannot_be_its_own_teacher():
+    with pytest.raises(ValueError, match="another built-in diffusion model"):
+        train_mod._load_teacher("shapes-dit", "shapes-dit", "cpu")
+    with pytest.raises(ValueError, match="another built-in diffusion model"):
+        train_mod._load_teacher("shapes-classifier", "shapes-dit", "cpu")

@@ -99,6 +99,9 @@ def _add_zoo(sub) -> None:
     t.add_argument("--init-from", default=None, metavar="WEIGHTS",
                    help="continue from these weights (skips the recipe's pretraining stages; the run reads "
                         "fresh data after what those weights saw, and the metadata keeps their history)")
+    t.add_argument("--teacher", default=None, choices=[n for n, z in ZOO.items() if z.kind in ("unet", "dit")],
+                   help="distill from this trained built-in diffusion model: its prediction at each noisy "
+                        "sample replaces the noisy regression target (labels are dropped for both alike)")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -162,6 +165,11 @@ def _zoo(args) -> int:
         kind = entry(args.name).kind
         kwargs = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
                       threads=args.threads)
+        if args.teacher is not None:
+            if kind not in ("unet", "dit") or args.teacher == args.name:
+                raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
+                                 f"one (got {args.name} from {args.teacher})")
+            kwargs["teacher"] = args.teacher
         if args.init_from is not None:
             if not Path(args.init_from).is_file():
                 raise UsageError(f"--init-from: no weights file at {args.init_from}")

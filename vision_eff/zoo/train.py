@@ -74,7 +74,7 @@ class _Objective(nn.Module):
     """Holds a zoo model's components and computes its training loss (one forward for DDP)."""
 
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
-                 prediction_type: str | None = None, loss: str = "mse"):
+                 prediction_type: str | None = None, loss: str = "mse", teacher=None):
         super().__init__()
         if loss != "mse" and not (loss.startswith("min_snr") and loss[7:].replace(".", "", 1).isdigit()):
             raise ValueError(f"loss must be 'mse' or 'min_snrG' (e.g. 'min_snr5'), got {loss!r}")
@@ -85,6 +85,14 @@ class _Objective(nn.Module):
         self.prediction_type = prediction_type or self.entry.prediction_type
         self.parts = nn.ModuleDict(modules)
         self.label_dropout = label_dropout
+        # a frozen teacher pipeline (not a submodule: it is neither trained, synced nor saved)
+        object.__setattr__(self, "teacher", teacher)
+        if teacher is not None and self.entry.kind == "dit":
+            # the teacher must see the same dropped labels, so drop them once here for every block
+            # (diffusers' DiT has one label embedding per block, each dropping labels on its own)
+            for m in modules["transformer"].modules():
+                if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
+                    m.dropout_prob = 0.0
         if self.entry.kind != "classifier":
             from diffusers import DDPMScheduler
 
@@ -99,20 +107,46 @@ class _Objective(nn.Module):
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        if e.kind == "unet":
+        if e.kind == "unet" or self.teacher is not None:
             drop = (torch.rand(b, generator=gen) < self.label_dropout).to(x0.device)
             labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
+        if e.kind == "unet":
             ctx = self.parts["label_encoder"](labels)
             cls = labels if self.parts["unet"].config.num_class_embeds else None
             out = self.parts["unet"](xt, t, encoder_hidden_states=ctx, class_labels=cls).sample
-        else:  # the DiT's own label embedding drops labels with p=0.1 in training mode
+        else:  # without a teacher, the DiT's own label embeddings drop labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
-        target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+        if self.teacher is not None:  # distillation: the teacher's prediction replaces the noisy target
+            with torch.no_grad():
+                pred = self.teacher._denoise(xt, t, labels).float()
+            target = convert_prediction(pred, xt, a, self.teacher.scheduler.config.prediction_type,
+                                        self.prediction_type)
+        else:
+            target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         if self.min_snr is None:
             return nn.functional.mse_loss(out.float(), target)
         snr = a / (1 - a)  # x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)
         w = snr.clamp(max=self.min_snr) / (snr if self.prediction_type == "epsilon" else snr + 1)
         return (w * (out.float() - target).square()).mean()
+
+
+def convert_prediction(pred: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor, source: str,
+                       target: str) -> torch.Tensor:
+    """A denoiser output of one prediction type ("epsilon", "v_prediction", "sample") as another,
+    at x_t = sqrt(a) x0 + sqrt(1 - a) eps."""
+    types = ("epsilon", "v_prediction", "sample")
+    if source not in types or target not in types:
+        raise ValueError(f"prediction types must be among {types}, got {source!r} -> {target!r}")
+    if source == target:
+        return pred
+    sa, sb = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    if source == "epsilon":
+        eps, x0 = pred, (xt - sb * pred) / sa
+    elif source == "sample":
+        x0, eps = pred, (xt - sa * pred) / sb
+    else:
+        x0, eps = sa * xt - sb * pred, sb * xt + sa * pred
+    return {"epsilon": eps, "sample": x0, "v_prediction": sa * eps - sb * x0}[target]
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -130,19 +164,21 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train(name: str, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
           seed: int | None = None, out: str | Path | None = None, save_every: int = 250,
           progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
-          prediction_type: str | None = None, stage: dict | None = None) -> Path:
+          prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
     order, each initialised from the one before, unless ``init_from`` names weights the stages already
     produced or ``steps`` is given (then only the final stage is trained, from scratch). ``stage``
-    overrides recipe keys for one stage (used by that chain).
+    overrides recipe keys for one stage (used by that chain). ``teacher`` names a trained built-in
+    diffusion model to distill from in the final stage (recorded in the recipe and the metadata).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     e = entry(name)
-    recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                         teacher=teacher)
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
     pre = [pre] if isinstance(pre, dict) else pre
@@ -188,8 +224,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     params = [p for m in modules.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
+    teacher, teacher_meta = _load_teacher(recipe.get("teacher"), name, accel.device)
     objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type,
-                           recipe.get("loss", "mse"))
+                           recipe.get("loss", "mse"), teacher=teacher)
     wrapped, opt, sched = accel.prepare(objective, opt, sched)
     raw = accel.unwrap_model(wrapped).parts
     ema = copy.deepcopy(raw).eval() if "ema" in recipe else None
@@ -212,7 +249,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
             data=f"vision_eff.zoo.data train split, 32x32, sample {offset} + (step*world+rank)*batch onwards",
             train_seconds=round(time.time() - t0, 1), processes=accel.num_processes,
             machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
-            torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5),
+            torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5), **teacher_meta,
         )
         if e.kind == "classifier":
             meta["eval_accuracy"] = round(_classifier_accuracy(raw["classifier"]), 5)
@@ -238,6 +275,20 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     checkpoint(recipe["steps"], final=True)
     accel.wait_for_everyone()
     return out
+
+
+def _load_teacher(teacher: str | None, name: str, device) -> tuple[object, dict]:
+    """The frozen pipeline of a zoo diffusion model to distill from, and what identifies its weights."""
+    if teacher is None:
+        return None, {}
+    from . import load_pipeline, model_info
+    from ..samplers.schedules import model_fingerprint
+
+    if teacher == name or entry(teacher).kind not in ("unet", "dit"):
+        raise ValueError(f"teacher must be another built-in diffusion model than {name!r}, got {teacher!r}")
+    pipe = load_pipeline(teacher, device=device)
+    return pipe, {"teacher": teacher, "teacher_fingerprint": model_fingerprint(pipe.denoiser),
+                  "teacher_steps_done": model_info(teacher).get("steps_done")}
 
 
 @torch.no_grad()
