@@ -21,3 +21,35 @@ def test_agreement_metric():
     assert agree == 1.0 and abs(kl) < 1e-7
     agree, kl = agreement(a, -a)
     assert agree == 0.0 and kl > 0
+
+
+def test_time_interleaved_pairs_rounds_and_leaves_the_model_unpatched(monkeypatch):
+    """Fake clock: the model slows down round by round (drift); the paired ratios stay exact."""
+    import timm
+
+    import vision_eff as ve
+    from vision_eff.vit import bench
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.inference_mode():
+        ref = model(x)
+    calls = []
+
+    def fake(m, xx, iters, warmup=1):
+        patched = any(isinstance(t, ve.TokenMerge) for t in ve.active_techniques(m))
+        rnd = len(calls) // 2  # two settings per round
+        calls.append(patched)
+        drift = 1.0 + rnd
+        return drift / (4.0 if patched else 1.0)
+
+    monkeypatch.setattr(bench, "time_forward", fake)
+    out = bench.time_interleaved(model, x, {"r2": ve.TokenMerge(r=2)}, iters=4)
+    assert len(calls) == 10  # a warm-up round and 4 timed rounds, two settings each
+    assert calls[:4] == [True, False, False, True]  # order reverses every other round
+    assert out["r2"]["speedup"] == 4.0  # the drift between rounds cancels in the paired ratios
+    assert out[None]["seconds"] == 3.5 and out["r2"]["seconds"] == 3.5 / 4  # medians of rounds 1..4
+    assert ve.active_techniques(model) == []
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref)

@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 import vision_eff as ve
 
-__all__ = ["main", "time_forward", "flops_per_image", "agreement"]
+__all__ = ["main", "time_forward", "time_interleaved", "flops_per_image", "agreement"]
 
 TIMM_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit3_base_patch16_224", "eva02_base_patch14_224")
 
@@ -44,6 +44,34 @@ def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: in
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, iters: int) -> dict:
+    """Unpatched and patched forwards timed in alternation, so machine drift hits all of them alike.
+
+    ``configs`` maps a key to a technique config (applied and removed around each timed call).
+    Each round times the unpatched model and every config once, in an order that reverses every
+    other round; one untimed warm-up round comes first. Returns, per key (``None`` = unpatched), the
+    median seconds, and per config key also the median of the per-round speed-ups (paired ratios).
+    """
+    keys = [None, *configs]
+    times: dict = {k: [] for k in keys}
+
+    def one(key) -> float:
+        if key is None:
+            return time_forward(model, x, 1, warmup=0)
+        with ve.patched(model, configs[key]):
+            return time_forward(model, x, 1, warmup=0)
+
+    for rnd in range(max(1, iters) + 1):
+        for key in (keys if rnd % 2 else keys[::-1]):
+            t = one(key)
+            if rnd:  # round 0 warms up
+                times[key].append(t)
+    out = {k: {"seconds": statistics.median(v)} for k, v in times.items()}
+    for k in configs:
+        out[k]["speedup"] = statistics.median(b / t for b, t in zip(times[None], times[k]))
+    return out
 
 
 class _SDPAFlops(torch.overrides.TorchFunctionMode):
@@ -244,27 +272,36 @@ def bench_timm(args, lines: list[str]) -> None:
                     flops[r] = flops_per_image(model, xa[:1])
             except ve.UnsupportedModelError:
                 flops[r] = float("nan")
+        supported, why = {}, {}
+        for r in rs:
+            try:
+                with ve.patched(model, ve.TokenMerge(r=r)):
+                    with torch.inference_mode():
+                        supported[r] = agreement(ref, model(xa))
+            except ve.UnsupportedModelError as exc:
+                why[r] = exc
         for b in batches:
             x = torch.randn(b, 3, *size, generator=gen)
-            base = time_forward(model, x, args.iters)
-            row = [name, b, f"{flops[0] / 1e9:.2f}", f"{b / base:.2f}"]
+            timed = time_interleaved(model, x, {r: ve.TokenMerge(r=r) for r in supported}, args.iters)
+            row = [name, b, f"{flops[0] / 1e9:.2f}", f"{b / timed[None]['seconds']:.2f}"]
             for r in rs:
-                try:
-                    with ve.patched(model, ve.TokenMerge(r=r)):
-                        t = time_forward(model, x, args.iters)
-                        with torch.inference_mode():
-                            agree, kl = agreement(ref, model(xa))
-                    row += [f"{flops[r] / 1e9:.2f}", f"{b / t:.2f} ({base / t:.2f}x)", f"{100 * agree:.0f} / {kl:.4f}"]
-                except ve.UnsupportedModelError as exc:
-                    row += ["", f"n/a ({exc})", ""]
+                if r in why:
+                    row += ["", f"n/a ({why[r]})", ""]
+                    continue
+                agree, kl = supported[r]
+                t = timed[r]
+                row += [f"{flops[r] / 1e9:.2f}", f"{b / t['seconds']:.2f} ({t['speedup']:.2f}x)",
+                        f"{100 * agree:.0f} / {kl:.4f}"]
             rows.append(row)
             print(f"[bench vit] {name} batch {b}: " + " | ".join(map(str, row[2:])), flush=True)
     header = ["model", "batch", "GFLOPs/img", "unpatched img/s"]
     for r in rs:
         header += [f"r={r} GFLOPs/img", f"r={r} img/s (speed-up)", f"r={r} agree % / KL"]
     lines += ["## timm architectures, random weights (pretrained=False)", "",
-              f"Unpatched timm with fused attention (SDPA) against TokenMerge(r); median of {args.iters} after a "
-              "warm-up; agreement and KL on 8 random images (random weights: a structure check, not accuracy).", ""]
+              f"Unpatched timm with fused attention (SDPA) against TokenMerge(r), timed in alternation: {args.iters} "
+              f"rounds after a warm-up round, each timing every setting once (order reversed every other round); "
+              f"img/s from the median time, speed-up = median of the per-round ratios; "
+              "agreement and KL on 8 random images (random weights: a structure check, not accuracy).", ""]
     lines += _table(header, rows)
     lines.append("")
 
