@@ -9,6 +9,7 @@ from vision_eff.samplers import bench, cli
 @pytest.mark.parametrize("args", [["optimize", "oracle", "--nfe", "0", "--out", "x.json"],
                                   ["optimize", "oracle", "--samples", "1", "--out", "x.json"],
                                   ["optimize", "oracle", "--history", "0", "--fit-coefficients", "--out", "x.json"],
+                                  ["optimize", "oracle", "--restarts", "-1", "--out", "x.json"],
                                   ["optimize", "no-such-model", "--out", "x.json"]])
 def test_optimize_rejects_bad_arguments(args, capsys):
     with pytest.raises(SystemExit) as e:
@@ -35,3 +36,9 @@ def test_optimize_oracle_writes_a_loadable_file(tmp_path, capsys):
 def test_bench_rejects_same_tuning_and_evaluation_noise():
     with pytest.raises(SystemExit):
         bench.main(["--seed", "5", "--tune-seed", "5", "--models", ""])
+
+
+def test_bench_rejects_negative_restarts():
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--tune-restarts", "-1", "--models", ""])
+    assert e.value.code == 2

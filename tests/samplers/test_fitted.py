@@ -192,3 +192,17 @@ def test_warm_start_only_adds_candidates():
     # NFE 4 chooses among a superset of the cold candidates, by the same held-out score
     assert warm["report"]["4"]["validation_rmse"] <= cold["report"]["4"]["validation_rmse"] + 1e-12
     assert warm["report"]["4"]["start"] in ("init", "warm")
+
+
+def test_nelder_mead_restarts_never_lose_tuning_accuracy():
+    from vision_eff.samplers.optimize import optimize_schedule
+    from vision_eff.samplers.oracle import digits_mixture
+
+    kw = dict(nfe=4, samples=16, seed=3, max_evals=6, reference_nfe=20, progress=False)
+    once = optimize_schedule(digits_mixture(), **kw)
+    again = optimize_schedule(digits_mixture(), restarts=2, **kw)
+    # one start: the restarts continue from where the first run stopped and keep the better point
+    assert again["report"]["4"]["rmse_after"] <= once["report"]["4"]["rmse_after"] + 1e-12
+    assert again["report"]["model_calls"] > once["report"]["model_calls"]
+    with pytest.raises(ValueError, match="restarts must be an integer >= 0"):
+        optimize_schedule(digits_mixture(), restarts=-1, **kw)

@@ -80,3 +80,64 @@ def test_recover_mixer_reduces_feature_error(tmp_path):
     from vision_eff.zoo.weights import read_metadata
 
     assert read_metadata(path)["swap"]["blocks"] == [0]
+
+
+def test_kd_loss_is_the_tempered_kl_in_float64():
+    from vision_eff.vit.recover import _kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 8, generator=g, dtype=torch.float64), torch.randn(5, 8, generator=g, dtype=torch.float64)
+    temp = 2.0
+    p, q = torch.softmax(t / temp, -1), torch.softmax(s / temp, -1)
+    expect = (p * (p.log() - q.log())).sum(-1).mean() * temp * temp
+    torch.testing.assert_close(_kd_loss(s, t, temp), expect)
+    assert _kd_loss(t, t, temp).abs().item() < 1e-12
+
+
+def test_run_capturing_swaps_blocks_for_one_call_only():
+    from vision_eff.vit.recover import _run_capturing
+
+    torch.manual_seed(0)
+    model = build_vit(depth=2, embed_dim=32, num_heads=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        same, seen = _run_capturing(model, x, {1: model.blocks[1]})
+        assert torch.equal(same, ref)
+        h_in, h_out = seen[1]
+        assert torch.equal(model.blocks[1](h_in), h_out)
+        new = MixerSwap(blocks=(0,)).build_blocks(model)
+        originals = list(model.blocks)
+        swapped, seen = _run_capturing(model, x, new)
+        assert not torch.equal(swapped, ref) and set(seen) == {0}
+        assert list(model.blocks) == originals and torch.equal(model(x), ref)
+
+
+def test_recover_with_distillation_moves_the_logits_towards_the_original(tmp_path):
+    """With kd > 0 the new block learns through the frozen later blocks: the swapped model's class
+    probabilities get closer to the original's (KL on held-out images)."""
+    from vision_eff.vit.recover import _kd_loss
+
+    torch.manual_seed(0)
+    model = build_vit(depth=2, embed_dim=32, num_heads=2).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.mul_(8)
+        model.blocks[0].attn.proj.weight.mul_(8)
+        model.head.weight.mul_(20)  # random logits are flat; make the class probabilities differ
+    x, _ = data.batch("eval", 0, 16, size=64)
+
+    def kl(path=None):
+        with torch.no_grad():
+            ref = model(x)
+            with ve.patched(model, MixerSwap(blocks=(0,), weights=None if path is None else str(path))):
+                return _kd_loss(model(x), ref, 1.0).item()
+
+    before = kl()
+    path = recover_mixer(model, MixerSwap(blocks=(0,)), steps=30, batch_size=8, lr=1e-2, kd=5.0, temperature=1.0,
+                         out=tmp_path / "kd.safetensors", progress=False)
+    assert kl(path) < 0.8 * before
+    from vision_eff.zoo.weights import read_metadata
+
+    assert read_metadata(path)["recipe"]["kd"] == 5.0
+    with pytest.raises(ValueError, match="kd must be >= 0"):
+        recover_mixer(model, MixerSwap(blocks=(0,)), steps=1, kd=-1.0, out=tmp_path / "x.safetensors")

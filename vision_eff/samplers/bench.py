@@ -101,7 +101,7 @@ def oracle_model(mixture, noise: NoiseSchedule):
 
 
 def oracle_bench(nfes, n_eval, seed, tune_seed, n_tune, tune_evals, opt_nfes=(4, 5, 6, 8, 10), log=print,
-                 history: int = 4) -> dict:
+                 history: int = 4, restarts: int = 2) -> dict:
     from .optimize import optimize_schedule
 
     mix = digits_mixture()
@@ -123,7 +123,7 @@ def oracle_bench(nfes, n_eval, seed, tune_seed, n_tune, tune_evals, opt_nfes=(4,
     t0 = time.time()
     opt = optimize_schedule(mix, nfe=list(opt_nfes), samples=n_tune, seed=tune_seed, max_evals=tune_evals,
                             progress=False, orders=(2, 3), sigma_data=(0.25, 0.5), coefficients=history > 0,
-                            history=max(history, 1))
+                            history=max(history, 1), restarts=restarts)
     log(f"oracle: schedules optimized in {time.time() - t0:.0f}s")
     configs = {**{f"ours:{k}": (lambda k=k: OURS[k][0].from_config(BASE, **OURS[k][1])) for k in OURS},
                "ours:pc+opt": lambda: PCMultistepScheduler.from_config(BASE, schedule=opt, fitted_coefficients=False),
@@ -149,7 +149,7 @@ def oracle_bench(nfes, n_eval, seed, tune_seed, n_tune, tune_evals, opt_nfes=(4,
                 rmse[name, n], fd[name, n] = r, f
             log(f"  {name}: " + " ".join(f"{rmse.get((name, n), float('nan')):.4f}" for n in nfes))
     return {"rmse": rmse, "fd": fd, "floor": floor, "convergence": max(conv.values()), "opt": opt,
-            "n_eval": n_eval, "n_tune": n_tune}
+            "n_eval": n_eval, "n_tune": n_tune, "restarts": restarts}
 
 
 def _best(table: dict, names, n):
@@ -180,7 +180,7 @@ def oracle_markdown(res: dict, nfes, command: str) -> str:
         f"RMSE to the probability-flow ODE endpoint from the same noise and start time ({res['n_eval']} evaluation "
         f"samples; reference solved with DOP853 at rtol 1e-11, max change vs rtol 1e-9: {res['convergence']:.1e}); "
         f"FD to the true mixture (floor for {res['n_eval']} true samples: {res['floor']:.3f}). Optimized schedules were "
-        f"tuned on {res['n_tune']} other noise samples (`ours:pc+opt`: optimized sigmas; `ours:pc+opt+fit`: the same "
+        f"tuned on {res['n_tune']} other noise samples ({res.get('restarts', 0)} Nelder-Mead restarts; `ours:pc+opt`: optimized sigmas; `ours:pc+opt+fit`: the same "
         "sigmas with per-step coefficients fitted to the tuning trajectories, where they won on held-out tuning noise). Data in [-1, 1]; every sampler runs float32 through the "
         "diffusers step API; NFE = model calls.",
         "## Summary (ratio = ours / diffusers' best at the same NFE; goal <= 0.8 untuned, <= 0.5 optimized)",
@@ -334,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oracle-samples", type=int, default=512)
     p.add_argument("--tune-samples", type=int, default=192)
     p.add_argument("--tune-evals", type=int, default=150, help="Nelder-Mead evaluations per NFE and order on the oracle")
+    p.add_argument("--tune-restarts", type=int, default=2,
+                   help="Nelder-Mead restarts from the last result on the oracle (each another --tune-evals)")
     p.add_argument("--opt-nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10], help="NFEs to optimize schedules for")
     p.add_argument("--fit-history", type=int, default=4,
                    help="past model outputs per step of the fitted coefficients on the oracle (0: do not fit)")
@@ -360,13 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("NFE values must be >= 1")
     if a.seed == a.tune_seed:
         p.error("--tune-seed must differ from --seed (tuning and evaluation noise must differ)")
+    if a.tune_restarts < 0:
+        p.error("--tune-restarts must be >= 0")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     command = command_line("vision-eff bench samplers", argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not a.skip_oracle:
         res = oracle_bench(a.nfe, a.oracle_samples, a.seed, a.tune_seed, a.tune_samples, a.tune_evals, a.opt_nfe,
-                           history=a.fit_history)
+                           history=a.fit_history, restarts=a.tune_restarts)
         (out / "oracle.md").write_text(oracle_markdown(res, a.nfe, command))
         print((out / "oracle.md").read_text().split("## RMSE of every")[0])
     for m in [m for m in a.models if m]:

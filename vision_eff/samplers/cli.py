@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--history", type=int, default=3, help="past model outputs per fitted step")
     o.add_argument("--no-warm-start", action="store_true",
                    help="do not also start each NFE's search from the previous NFE's optimized schedule")
+    o.add_argument("--restarts", type=int, default=0,
+                   help="rerun Nelder-Mead this many times from where it stopped (each another --evals)")
     o.add_argument("--guidance", type=float, default=1.0)
     o.add_argument("--batch", type=int, default=64)
     a = p.parse_args(argv)
@@ -40,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"vision-eff samplers optimize: error: --nfe values must be >= 1, got {a.nfe}\n")
     if a.history < 1:
         p.exit(2, "vision-eff samplers optimize: error: --history must be >= 1\n")
+    if a.restarts < 0:
+        p.exit(2, "vision-eff samplers optimize: error: --restarts must be >= 0\n")
     if a.samples < 2 or a.evals < 1:
         p.exit(2, "vision-eff samplers optimize: error: --samples must be >= 2 and --evals >= 1\n")
     import torch
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = optimize_schedule(target, nfe=a.nfe, out=a.out, samples=a.samples, seed=a.seed, max_evals=a.evals,
                             reference_nfe=a.reference_nfe, solver=Solver(order=a.order, corrector=True),
                             guidance_scale=a.guidance, batch_size=a.batch, sigma_data=a.sigma_data, orders=a.orders,
-                            coefficients=a.fit_coefficients, history=a.history, warm_start=not a.no_warm_start)
+                            coefficients=a.fit_coefficients, history=a.history, warm_start=not a.no_warm_start,
+                            restarts=a.restarts)
     rep = doc["report"]
     for n in a.nfe:
         if str(n) in rep:

@@ -172,7 +172,7 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
                       guidance_scale: float = 1.0, batch_size: int = 64, progress: bool = True,
                       init: str = "jump", sigma_data: float | Sequence[float] = 0.5, orders: Sequence[int] | None = None,
                       validate: bool = True, coefficients: bool = False, history: int = 3,
-                      warm_start: bool = True) -> dict:
+                      warm_start: bool = True, restarts: int = 0) -> dict:
     """Find the call sigmas for each NFE in ``nfe`` that best match a ``reference_nfe``-call trajectory.
 
     Model cost: ``samples * reference_nfe`` + ``max_evals * samples * N`` per NFE. Returns the schedule file's
@@ -187,6 +187,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     the held-out tuning noise (the file's ``coefficients``; our schedulers use them unless told not to).
     ``warm_start`` (default) runs the NFEs in increasing order and also starts each search from the previous
     NFE's optimized schedule, resampled to the new call count (one more search per order).
+    ``restarts`` reruns Nelder-Mead that many times from where the last run stopped, with a fresh simplex
+    and another ``max_evals`` (Nelder-Mead's simplex often collapses before it reaches the optimum).
     """
     from scipy.optimize import minimize
     from tqdm.auto import tqdm
@@ -197,6 +199,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     nfes = sorted(set(int(n) for n in nfes))
     if samples < 2:
         raise ValueError(f"samples must be >= 2, got {samples}")
+    if isinstance(restarts, bool) or not isinstance(restarts, (int, np.integer)) or restarts < 0:
+        raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
     target = as_target(model_or_pipe, guidance_scale)
     solver = get_solver(solver)
     ns = target.noise
@@ -248,7 +252,8 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     sds = [sigma_data] if isinstance(sigma_data, (int, float)) else list(sigma_data)
     searched = [n for n in nfes if n > 1]
     warm = max(0, len(searched) - 1) if warm_start else 0
-    bar = tqdm(total=max_evals * len(orders) * (len(searched) * len(sds) + warm), desc="optimize schedule",
+    bar = tqdm(total=max_evals * (1 + restarts) * len(orders) * (len(searched) * len(sds) + warm),
+               desc="optimize schedule",
                disable=not progress)
     prev = None  # the previous NFE's optimized sigmas (warm start)
     for n in nfes:
@@ -270,7 +275,11 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
 
             z0 = _z_from(init_sig)
             before = loss(z0)
-            res = minimize(loss, z0, method="Nelder-Mead", options=dict(maxfev=max(max_evals - 1, 1), xatol=1e-3, fatol=1e-6))
+            nm = dict(method="Nelder-Mead", options=dict(maxfev=max(max_evals - 1, 1), xatol=1e-3, fatol=1e-6))
+            res = minimize(loss, z0, **nm)
+            for _ in range(restarts):
+                again = minimize(loss, res.x, **nm)
+                res = again if again.fun < res.fun else res
             after = float(min(res.fun, before))
             for z, tune in [(z0, before), (res.x, float(res.fun))]:
                 # pick on held-out noise (or on the tuning noise without validation), with and without fitting

@@ -2,8 +2,11 @@
 
 Only the new blocks train (copies; the original model is never modified). The student runs the
 model's own frozen blocks between swapped ones, and matches the original model's hidden states at the
-output of every swapped block (MSE relative to the size of the original block's update), so each step costs a forward through the first few
-blocks only.
+output of every swapped block (MSE relative to the size of the original block's update). With ``kd > 0``
+it also runs the rest of the frozen model and matches the original's class probabilities (KL divergence
+at temperature ``temperature``, weighted by ``kd``): the gradient reaches the new blocks through the
+frozen later blocks, so the mixers learn what the classifier needs rather than every detail of the
+hidden state they cannot reproduce. Without it, a step costs a forward through the first few blocks only.
 
     path = recover_mixer(load_vit(), MixerSwap(blocks=(0, 1)), steps=300)
     h = vision_eff.apply(model, MixerSwap(blocks=(0, 1), weights=str(path)))
@@ -29,6 +32,35 @@ class _Stop(Exception):
     pass
 
 
+def _run_capturing(model: nn.Module, x: torch.Tensor, blocks: dict[int, nn.Module]) -> tuple[torch.Tensor, dict]:
+    """``model(x)`` with ``model.blocks[j]`` replaced by ``blocks[j]`` for this call only; returns the logits
+    and, per replaced index, (block input, block output)."""
+    seen, hooks, saved = {}, [], {j: model.blocks[j] for j in blocks}
+
+    def grab(j):
+        def hook(mod, args, out):
+            seen[j] = (args[0], out)
+        return hook
+
+    try:
+        for j, blk in blocks.items():
+            model.blocks[j] = blk
+            hooks.append(blk.register_forward_hook(grab(j)))
+        return model(x), seen
+    finally:
+        for h in hooks:
+            h.remove()
+        for j, blk in saved.items():
+            model.blocks[j] = blk
+
+
+def _kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton's distillation loss: T^2 KL(softmax(teacher / T) || softmax(student / T)), batch mean."""
+    t = temperature
+    return nn.functional.kl_div(nn.functional.log_softmax(student / t, -1), nn.functional.log_softmax(teacher / t, -1),
+                                reduction="batchmean", log_target=True) * t * t
+
+
 @torch.no_grad()
 def block_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The token sequence entering ``model.blocks[0]`` (captured with a pre-hook; no forward copied)."""
@@ -49,11 +81,14 @@ def block_input(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def recover_mixer(model: nn.Module, swap: MixerSwap, steps: int = 300, batch_size: int = 64, lr: float = 1e-3,
-                  out: str | Path | None = None, size: int = 64, seed: int = 0, progress: bool = True) -> Path:
+                  out: str | Path | None = None, size: int = 64, seed: int = 0, progress: bool = True,
+                  kd: float = 0.0, temperature: float = 2.0) -> Path:
     """Distil the swapped blocks of ``swap`` from ``model``'s original blocks; saves and returns their weights."""
     why = swap.supports(model)
     if why is not None:
         raise TypeError(f"MixerSwap cannot be applied to {type(model).__name__}: {why}")
+    if kd < 0 or temperature <= 0:
+        raise ValueError(f"kd must be >= 0 and temperature > 0, got kd={kd}, temperature={temperature}")
     torch.manual_seed(seed)
     model.eval().requires_grad_(False)
     new = swap.build_blocks(model)
@@ -70,20 +105,26 @@ def recover_mixer(model: nn.Module, swap: MixerSwap, steps: int = 300, batch_siz
     stream = batches("train", _DISTILL_START, batch_size, size)
     for step in range(steps):
         x, _ = next(stream)
-        with torch.no_grad():
-            h_t = block_input(model, x)
-            targets = {}
+        if kd:  # whole forwards: the original model, then the one with the new blocks in place
+            with torch.no_grad():
+                logits_t, seen_t = _run_capturing(model, x, {j: model.blocks[j] for j in new})
+            logits_s, seen_s = _run_capturing(model, x, new)
+            outs = {j: seen_s[j][1] for j in new}
+            loss = kd * _kd_loss(logits_s, logits_t, temperature)
+        else:  # only as far as the last new block
+            with torch.no_grad():
+                h, seen_t = block_input(model, x), {}
+                for j in range(last + 1):
+                    seen_t[j] = (h, model.blocks[j](h))
+                    h = seen_t[j][1]
+            h, outs = block_input(model, x), {}
             for j in range(last + 1):
-                prev, h_t = h_t, model.blocks[j](h_t)
-                if j in new:  # target, and the size of the original block's own update (the loss's scale)
-                    targets[j] = (h_t, ((h_t - prev) ** 2).mean().clamp_min(1e-8))
-        h_s = block_input(model, x)
-        loss = 0.0
-        for j in range(last + 1):
-            h_s = (new[j] if j in new else model.blocks[j])(h_s)
-            if j in new:
-                t, scale = targets[j]
-                loss = loss + ((h_s - t) ** 2).mean() / scale
+                h = (new[j] if j in new else model.blocks[j])(h)
+                outs[j] = h
+            loss = 0.0
+        for j in new:  # hidden state after each new block, relative to the size of the original block's update
+            h_in, h_out = seen_t[j]
+            loss = loss + ((outs[j] - h_out) ** 2).mean() / ((h_out - h_in) ** 2).mean().clamp_min(1e-8)
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -91,10 +132,12 @@ def recover_mixer(model: nn.Module, swap: MixerSwap, steps: int = 300, batch_siz
         opt.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         if progress and (step % 25 == 0 or step + 1 == steps):
-            print(f"[recover] step {step + 1}/{steps} feature loss {ema:.4f} {time.time() - t0:.0f}s", flush=True)
+            print(f"[recover] step {step + 1}/{steps} loss {ema:.4f} {time.time() - t0:.0f}s", flush=True)
     out = Path(out) if out is not None else weights_path("shapes-vit-poolmixer")
     meta = dict(model="shapes-vit-poolmixer", swap=dict(blocks=list(swap.blocks), kernel=swap.kernel),
-                recipe=dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, loss="hidden-state MSE / original block update"),
+                recipe=dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, kd=kd, temperature=temperature,
+                            loss="hidden-state MSE / original block update"
+                                 + (f" + {kd} x KL(original || swapped logits) at T={temperature}" if kd else "")),
                 train_seconds=round(time.time() - t0, 1), final_loss=round(ema or float("nan"), 5))
     save({f"blocks.{i}": blk.eval() for i, blk in new.items()}, out, meta)
     return out

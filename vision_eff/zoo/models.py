@@ -130,8 +130,9 @@ ZOO: dict[str, ZooEntry] = {
     "shapes-vit-poolmixer": ZooEntry(
         "shapes-vit-poolmixer", "vit-mixer",
         "pooling token mixers for blocks 0 and 1 of shapes-vit (MixerSwap), recovered by distillation from "
-        "its attention blocks (trained by vision_eff.vit.recover.recover_mixer)",
-        train=dict(steps=200, batch_size=64, lr=1e-3, seed=0),
+        "its attention blocks and from its class probabilities through the frozen later blocks "
+        "(trained by vision_eff.vit.recover.recover_mixer)",
+        train=dict(steps=300, batch_size=64, lr=1e-3, seed=0, kd=1.0, temperature=2.0),
     ),
     "shapes-classifier": ZooEntry(
         "shapes-classifier", "classifier",
