@@ -253,8 +253,7 @@ def optimize_schedule(model_or_pipe, nfe: int | Sequence[int] = 6, *, out: str |
     searched = [n for n in nfes if n > 1]
     warm = max(0, len(searched) - 1) if warm_start else 0
     bar = tqdm(total=max_evals * (1 + restarts) * len(orders) * (len(searched) * len(sds) + warm),
-               desc="optimize schedule",
-               disable=not progress)
+               desc="optimize schedule", disable=not progress)
     prev = None  # the previous NFE's optimized sigmas (warm start)
     for n in nfes:
         if n == 1:

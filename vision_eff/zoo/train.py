@@ -179,6 +179,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          teacher=teacher)
+    _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
     pre = [pre] if isinstance(pre, dict) else pre
@@ -277,6 +278,11 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     return out
 
 
+def _check_teacher(teacher: str | None, name: str) -> None:
+    if teacher is not None and (teacher == name or entry(teacher).kind not in ("unet", "dit")):
+        raise ValueError(f"teacher must be another built-in diffusion model than {name!r}, got {teacher!r}")
+
+
 def _load_teacher(teacher: str | None, name: str, device) -> tuple[object, dict]:
     """The frozen pipeline of a zoo diffusion model to distill from, and what identifies its weights."""
     if teacher is None:
@@ -284,8 +290,7 @@ def _load_teacher(teacher: str | None, name: str, device) -> tuple[object, dict]
     from . import load_pipeline, model_info
     from ..samplers.schedules import model_fingerprint
 
-    if teacher == name or entry(teacher).kind not in ("unet", "dit"):
-        raise ValueError(f"teacher must be another built-in diffusion model than {name!r}, got {teacher!r}")
+    _check_teacher(teacher, name)
     pipe = load_pipeline(teacher, device=device)
     return pipe, {"teacher": teacher, "teacher_fingerprint": model_fingerprint(pipe.denoiser),
                   "teacher_steps_done": model_info(teacher).get("steps_done")}
