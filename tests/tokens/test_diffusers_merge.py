@@ -79,19 +79,20 @@ def test_deterministic_under_seed(shapes):
     assert not torch.allclose(outs[0], outs[2], atol=1e-5)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_exact_on_piecewise_constant_grid(method):
-    """Tokens constant on 2x2 cells: merging 3 of 4 (or pooling K/V 2x) changes nothing (exact oracle:
-    attention over duplicated keys equals attention over one copy of each)."""
+@pytest.mark.parametrize("method,cell", [("merge", 2), ("downsample", 2), ("merge", 4)])
+def test_exact_on_piecewise_constant_grid(method, cell):
+    """Tokens constant on cell x cell blocks: merging all but one token per cell (or pooling K/V 2x)
+    changes nothing (exact oracle: attention over duplicated keys equals attention over one copy of each,
+    when every key is duplicated equally often)."""
     from diffusers.models.attention_processor import Attention
 
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=2, dim_head=8).eval()
-    coarse = torch.randn(3, 16, 8, 8)
-    x = nn.functional.interpolate(coarse, scale_factor=2, mode="nearest").flatten(2).transpose(1, 2)  # [3, 256, 16]
+    coarse = torch.randn(3, 16, 16 // cell, 16 // cell)
+    x = nn.functional.interpolate(coarse, scale_factor=cell, mode="nearest").flatten(2).transpose(1, 2)  # [3, 256, 16]
     with torch.no_grad():
         ref = attn(x)
-        cfg = ve.TokenMerge(ratio=0.75, method=method, seed=3)
+        cfg = ve.TokenMerge(ratio=1 - 1 / cell**2, method=method, seed=3, sx=cell, sy=cell)
         attn.processor = ReducedAttention(attn.processor, cfg, {"hw": (16, 16), "txt": 0}, salt=0, mode="self")
         seen = []
         inner = attn.processor.inner
@@ -100,7 +101,7 @@ def test_exact_on_piecewise_constant_grid(method):
         out = attn(x)
     torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
     n_q, kv = seen[0]
-    assert (n_q, None if kv is None else kv.shape[1]) == ((64, None) if method == "merge" else (256, 64))
+    assert (n_q, None if kv is None else kv.shape[1]) == ((256 // cell**2, None) if method == "merge" else (256, 64))
 
 
 def _spy(model, kind):

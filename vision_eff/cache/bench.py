@@ -26,6 +26,8 @@ import torch
 
 import vision_eff as ve
 
+from .._timing import interleaved_rounds
+
 RESULTS = Path(__file__).resolve().parents[2] / "notes" / "results" / "diffusion.md"
 GALLERY_DIR = Path(__file__).resolve().parents[2] / "gallery" / "diffusion"
 
@@ -132,6 +134,7 @@ def unet_settings() -> list[Setting]:
     return [
         ("TokenMerge 0.5 (merge)", "ours", _ours(TM(ratio=0.5))),
         ("TokenMerge 0.5 (merge, 32x32 level only)", "ours", _ours(TM(ratio=0.5, min_tokens=1024))),
+        ("TokenMerge 0.5 (merge, 32x32 level only, 4x4 cells)", "ours", _ours(TM(ratio=0.5, min_tokens=1024, sx=4, sy=4))),
         ("TokenMerge 0.75 (downsample 2x2)", "ours", _ours(TM(ratio=0.75, method="downsample"))),
         ("StepCache interval 3", "ours", _ours(SC(interval=3))),
         ("StepCache interval 5", "ours", _ours(SC(interval=5))),
@@ -146,6 +149,14 @@ def unet_settings() -> list[Setting]:
         ("StepCache calibrated 7 full steps, order 1", "ours", _calibrated(7)),
         ("StepCache calibrated 8 full steps, order 1 + TokenMerge 0.5 (downsample, 32x32 only)", "ours",
          _calibrated(8, TM(ratio=0.5, method="downsample", min_tokens=1024))),
+        # the matching cost grows with the number of destination cells: 4x4 cells make it 4x cheaper than
+        # ToMe-SD's 2x2, which is what lets merging pay on this narrow (32-channel) 32x32 level on a CPU
+        ("StepCache calibrated 10 full steps, order 1 + TokenMerge 0.3 (merge, 32x32 only)", "ours",
+         _calibrated(10, TM(ratio=0.3, min_tokens=1024))),
+        ("StepCache calibrated 10 full steps, order 1 + TokenMerge 0.3 (merge, 32x32 only, 4x4 cells)", "ours",
+         _calibrated(10, TM(ratio=0.3, min_tokens=1024, sx=4, sy=4))),
+        ("StepCache calibrated 10 full steps, order 1 + TokenMerge 0.2 (merge, 32x32 only, 4x4 cells)", "ours",
+         _calibrated(10, TM(ratio=0.2, min_tokens=1024, sx=4, sy=4))),
         ("tomesd 0.5", "tomesd 0.1.3", _tomesd(0.5)),
         ("DeepCache interval 3", "DeepCache 0.1.1", _deepcache(3)),
         ("DeepCache interval 5", "DeepCache 0.1.1", _deepcache(5)),
@@ -202,6 +213,21 @@ def _quality(evaluator, imgs, labels) -> dict:
     return dict(fd=evaluator.fd(imgs), accuracy=evaluator.accuracy(imgs, labels))
 
 
+def _paired_timing(pipe, applies: dict[str, Callable], labels, noise, args) -> dict:
+    """The reference (key None) and every setting timed ``args.rounds`` times in alternation on the first
+    batch (set-up such as calibration is not timed); returns :func:`interleaved_rounds`' result."""
+    b = min(args.batch, len(labels))
+
+    def one(key) -> float:
+        undo = (lambda: None) if key is None else applies[key](pipe, args)
+        try:
+            return _generate(pipe, labels[:b], noise[:b], args.steps, args.guidance, b)[1]
+        finally:
+            undo()
+
+    return interleaved_rounds(one, [None, *applies], args.rounds, baseline=None, warmup=False)
+
+
 def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[list[dict], list]:
     from ..metrics import psnr, ssim
     from ..zoo import NUM_CLASSES, load_pipeline
@@ -217,6 +243,7 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
                  **_quality(evaluator, ref, labels))]
     panels = [("reference", ref[:args.show])]
     print(f"[{name}] reference: {rows[0]}", flush=True)
+    ran: dict[str, Callable] = {}
     for title, who, apply in settings:
         if args.only and not any(s in title for s in args.only):
             continue
@@ -238,8 +265,16 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
         row = dict(setting=title, who=who, time_s=t, speedup=t_ref / t, gflops=flops / 1e9, flop_speedup=f_ref / flops,
                    psnr=psnr(imgs, ref).mean().item(), ssim=ssim(imgs, ref).mean().item(), **_quality(evaluator, imgs, labels))
         rows.append(row)
+        ran[title] = apply
         panels.append((title[:26], imgs[:args.show]))
         print(f"[{name}] {title}: {row}", flush=True)
+    if args.rounds and ran:
+        paired = _paired_timing(pipe, ran, labels, noise, args)
+        for row in rows:
+            key = None if row is rows[0] else row["setting"]
+            if key is None or key in paired:
+                row["paired_speedup"] = 1.0 if key is None else paired[key]["speedup"]
+        print(f"[{name}] paired speed-ups: {[(r['setting'], r.get('paired_speedup')) for r in rows]}", flush=True)
     # the unpatched pipeline must be exactly the reference again after all the removes
     check, _ = _generate(pipe, labels[:args.batch], noise[:args.batch], args.steps, args.guidance, args.batch)
     rows.append(dict(setting="(reference again, after every remove())", who="-",
@@ -335,6 +370,7 @@ def bench_big(names: list[str], calls: int) -> list[dict]:
         rows.append(dict(model=name, setting="plain", per_step_s=plain, speedup=1.0))
         print(f"[big {name}] plain {plain:.2f}s", flush=True)
         configs = [("TokenMerge 0.5 (merge)", [ve.TokenMerge(ratio=0.5)]),
+                   ("TokenMerge 0.5 (merge, 4x4 cells)", [ve.TokenMerge(ratio=0.5, sx=4, sy=4)]),
                    ("TokenMerge 0.5 (downsample)", [ve.TokenMerge(ratio=0.5, method="downsample")]),
                    ("StepCache interval 3", [ve.StepCache(interval=3, warmup=0)]),
                    ("StepCache 3 + TokenMerge 0.5 (downsample)",
@@ -379,7 +415,7 @@ def bench_big(names: list[str], calls: int) -> list[dict]:
 def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
     from ..gallery import markdown_table, provenance
 
-    cols = ["setting", "who", "time_s", "speedup", "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
+    cols = ["setting", "who", "time_s", "speedup", *(["paired_speedup"] if args.rounds else []), "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
     text = ["# Token merging and step caching on diffusion models (`vision-eff bench diffusion`)", "",
             provenance("vision-eff bench diffusion " + " ".join(args.argv)), ""]
     if parts:
@@ -388,7 +424,10 @@ def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
             "PSNR/SSIM: to the reference images from the same noise. FD: evaluator features vs the held-out "
             "split (same n for every row, so rows compare; the real-vs-real floor at this n is given below). "
             "gflops / flop_speedup: FLOPs counted by torch's FlopCounterMode for one image (x2 with guidance), a "
-            "load-independent measure of the work saved; time_s / speedup: wall clock on this machine.", ""]
+            "load-independent measure of the work saved; time_s / speedup: wall clock on this machine."
+            + (f" paired_speedup: the reference and every setting timed again in alternation on one batch, "
+               f"{args.rounds} rounds (order reversed every other round), median of the per-round ratios."
+               if args.rounds else ""), ""]
     for name, rows in parts.items():
         text += [f"## {name}", "", markdown_table(rows, cols, floatfmt=".3g"), ""]
     if "fd_floor" in args.__dict__ and args.fd_floor is not None:
@@ -418,11 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big-calls", type=int, default=1, help="timed calls per big-model setting (default 1)")
     p.add_argument("--skip-builtin", action="store_true", help="only the big random-weight models")
     p.add_argument("--no-eval", action="store_true", help="skip FD / accuracy (speed, FLOPs and PSNR/SSIM only)")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="also time the reference and every setting this many times in alternation on one batch "
+                        "and report the median paired speed-up (robust to machine drift; default 0: off)")
     p.add_argument("--show", type=int, default=16, help="images per setting in the gallery grid")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--gallery", default=str(GALLERY_DIR))
     args = p.parse_args(argv)
     args.argv = list(argv or [])
+    if args.rounds < 0:
+        p.error("--rounds must be >= 0")
     for k in ("n", "steps", "batch", "big_calls"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")

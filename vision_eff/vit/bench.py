@@ -24,6 +24,8 @@ from torch.nn import functional as F
 
 import vision_eff as ve
 
+from .._timing import interleaved_rounds
+
 __all__ = ["main", "time_forward", "time_interleaved", "flops_per_image", "agreement"]
 
 TIMM_MODELS = ("vit_small_patch16_224", "vit_base_patch16_224", "deit3_base_patch16_224", "eva02_base_patch14_224")
@@ -54,9 +56,6 @@ def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, ite
     other round; one untimed warm-up round comes first. Returns, per key (``None`` = unpatched), the
     median seconds, and per config key also the median of the per-round speed-ups (paired ratios).
     """
-    keys = [None, *configs]
-    times: dict = {k: [] for k in keys}
-
     def one(key) -> float:
         if key is None:
             return time_forward(model, x, 1, warmup=0)
@@ -64,14 +63,9 @@ def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, ite
         with ve.patched(model, *(cfg if isinstance(cfg, (list, tuple)) else [cfg])):
             return time_forward(model, x, 1, warmup=0)
 
-    for rnd in range(max(1, iters) + 1):
-        for key in (keys if rnd % 2 else keys[::-1]):
-            t = one(key)
-            if rnd:  # round 0 warms up
-                times[key].append(t)
-    out = {k: {"seconds": statistics.median(v)} for k, v in times.items()}
-    for k in configs:
-        out[k]["speedup"] = statistics.median(b / t for b, t in zip(times[None], times[k]))
+    out = interleaved_rounds(one, [None, *configs], max(1, iters), baseline=None)
+    for v in out.values():
+        del v["times"]
     return out
 
 
