@@ -72,22 +72,25 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 2, scale: int = 1):
     return img
 
 
-def labelled_panels(panels: Sequence[tuple[str, torch.Tensor]], nrow: int, scale: int = 3):
-    """Side-by-side grids with a caption above each (e.g. reference vs accelerated)."""
+def labelled_panels(panels: Sequence[tuple[str, torch.Tensor]], nrow: int, scale: int = 3, per_row: int | None = None):
+    """Grids with a caption above each (e.g. reference vs accelerated), ``per_row`` panels to a row
+    (default: all in one row)."""
     from PIL import Image, ImageDraw
 
+    if per_row is not None and per_row < 1:
+        raise ValueError(f"per_row must be >= 1, got {per_row}")
     grids = [image_grid(x, nrow, scale=scale) for _, x in panels]
-    cap = 18
-    gap = 12
-    width = sum(g.width for g in grids) + gap * (len(grids) - 1)
-    height = max(g.height for g in grids) + cap
-    out = Image.new("RGB", (width, height), "white")
+    per_row = per_row or len(grids)
+    cap, gap = 18, 12
+    cell_w, cell_h = max(g.width for g in grids), max(g.height for g in grids) + cap
+    rows = -(-len(grids) // per_row)
+    cols = min(per_row, len(grids))
+    out = Image.new("RGB", (cols * cell_w + gap * (cols - 1), rows * cell_h + gap * (rows - 1)), "white")
     draw = ImageDraw.Draw(out)
-    x = 0
-    for (title, _), g in zip(panels, grids):
-        draw.text((x + 4, 3), title, fill="black")
-        out.paste(g, (x, cap))
-        x += g.width + gap
+    for k, ((title, _), g) in enumerate(zip(panels, grids)):
+        x, y = (k % per_row) * (cell_w + gap), (k // per_row) * (cell_h + gap)
+        draw.text((x + 4, y + 3), title, fill="black")
+        out.paste(g, (x, y + cap))
     return out
 
 

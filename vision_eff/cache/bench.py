@@ -241,7 +241,7 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
     rows = [dict(setting=f"reference (DPM-Solver++ 2M, {args.steps} steps)", who="diffusers", time_s=t_ref,
                  speedup=1.0, gflops=f_ref / 1e9, flop_speedup=1.0, psnr=float("inf"), ssim=1.0,
                  **_quality(evaluator, ref, labels))]
-    panels = [("reference", ref[:args.show])]
+    panels = [("1. reference", ref[:args.show])]  # numbered as the rows of the table
     print(f"[{name}] reference: {rows[0]}", flush=True)
     ran: dict[str, Callable] = {}
     for title, who, apply in settings:
@@ -266,7 +266,7 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
                    psnr=psnr(imgs, ref).mean().item(), ssim=ssim(imgs, ref).mean().item(), **_quality(evaluator, imgs, labels))
         rows.append(row)
         ran[title] = apply
-        panels.append((title[:26], imgs[:args.show]))
+        panels.append((f"{len(rows)}. {title[:30]}", imgs[:args.show]))
         print(f"[{name}] {title}: {row}", flush=True)
     if args.rounds and ran:
         paired = _paired_timing(pipe, ran, labels, noise, args)
@@ -493,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             parts[name] = rows
             gdir = Path(args.gallery)
             gdir.mkdir(parents=True, exist_ok=True)
-            labelled_panels(panels, nrow=4, scale=2).save(gdir / f"{name.split('-')[1]}.png")
+            labelled_panels(panels, nrow=4, scale=2, per_row=6).save(gdir / f"{name.split('-')[1]}.png")
     if args.big:
         big = bench_big(args.big, args.big_calls)
     _write(args, parts, big)
