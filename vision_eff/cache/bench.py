@@ -161,6 +161,10 @@ def unet_settings() -> list[Setting]:
         ("DeepCache interval 3", "DeepCache 0.1.1", _deepcache(3)),
         ("DeepCache interval 5", "DeepCache 0.1.1", _deepcache(5)),
         ("DeepCache 5 + tomesd 0.5", "both", _deepcache(5, tome=0.5)),
+        # the peers' frontier near 30 dB, where our merging + caching rows sit
+        ("DeepCache interval 4", "DeepCache 0.1.1", _deepcache(4)),
+        ("DeepCache 3 + tomesd 0.5", "both", _deepcache(3, tome=0.5)),
+        ("DeepCache 4 + tomesd 0.3", "both", _deepcache(4, tome=0.3)),
     ]
 
 
