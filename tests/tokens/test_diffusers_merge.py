@@ -104,6 +104,71 @@ def test_exact_on_piecewise_constant_grid(method, cell):
     assert (n_q, None if kv is None else kv.shape[1]) == ((256 // cell**2, None) if method == "merge" else (256, 64))
 
 
+def test_mlp_merge_exact_on_piecewise_constant_grid():
+    """mlp=True: a transformer block whose input is constant on 4x4 cells runs attention and feed-forward on
+    one token per cell and still gives the unmerged block's output (exact oracle: identical queries give
+    identical attention outputs, so the feed-forward's input stays constant on the cells too)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from vision_eff._patching import PatchHandle
+    from vision_eff.tokens.diffusers import _merge_feed_forward
+
+    torch.manual_seed(0)
+    block = BasicTransformerBlock(dim=16, num_attention_heads=2, attention_head_dim=8).eval()
+    x = nn.functional.interpolate(torch.randn(3, 16, 4, 4), scale_factor=4, mode="nearest").flatten(2).transpose(1, 2)
+    ff_tokens = []
+    block.ff.net[0].register_forward_pre_hook(lambda m, a: ff_tokens.append(a[0].shape[1]))  # inside the ff
+    with torch.no_grad():
+        ref = block(x)
+        handle = PatchHandle(block)
+        cfg = ve.TokenMerge(ratio=15 / 16, seed=3, sx=4, sy=4, mlp=True)
+        proc = ReducedAttention(block.attn1.processor, cfg, {"hw": (16, 16), "txt": 0}, salt=0, mode="self")
+        handle.set_attr(block.attn1, "processor", proc)
+        _merge_feed_forward(block.ff, proc, handle)
+        out = block(x)
+        handle.remove()
+        again = block(x)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    assert ff_tokens == [256, 16, 256]  # merged only while patched
+    assert torch.equal(again, ref) and proc.last is None
+
+
+def test_mlp_merge_on_unet(shapes):
+    """mlp=True on a UNet: active beyond attention-only merging, batch / CFG independent, remove() exact."""
+    unet, enc = shapes
+    x = _x(2, seed=4)
+    ref = run_unet(unet, enc, x, [1, 2])
+    with ve.patched(unet, ve.TokenMerge(ratio=0.5)):
+        attn_only = run_unet(unet, enc, x, [1, 2])
+    h = ve.apply(unet, ve.TokenMerge(ratio=0.5, mlp=True))
+    both = run_unet(unet, enc, x, [1, 2])
+    assert not torch.allclose(both, attn_only, atol=1e-4)  # the feed-forward really runs merged
+    alone = torch.cat([run_unet(unet, enc, x[i:i + 1], [lab]) for i, lab in [(0, 1), (1, 2)]])
+    torch.testing.assert_close(both, alone, atol=1e-5, rtol=1e-5)
+    h.remove()
+    assert torch.equal(run_unet(unet, enc, x, [1, 2]), ref)
+    ffs = [m for m in unet.modules() if type(m).__name__ == "FeedForward"]
+    assert ffs and not any(m._forward_pre_hooks or m._forward_hooks for m in ffs)
+
+
+def test_mlp_merge_skips_chunked_feed_forward(shapes):
+    """A chunked feed-forward (token count unlike the match's) runs unmerged instead of failing."""
+    unet, enc = shapes
+    x = _x(2, seed=5)
+    with ve.patched(unet, ve.TokenMerge(ratio=0.5)):
+        attn_only = run_unet(unet, enc, x, [1, 2])
+    blocks = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock"]
+    for b in blocks:
+        b.set_chunk_feed_forward(4, dim=1)
+    try:
+        with ve.patched(unet, ve.TokenMerge(ratio=0.5, mlp=True)):
+            chunked = run_unet(unet, enc, x, [1, 2])
+    finally:
+        for b in blocks:
+            b.set_chunk_feed_forward(None, dim=0)
+    torch.testing.assert_close(chunked, attn_only, atol=1e-5, rtol=1e-5)
+
+
 def _spy(model, kind):
     """Record the token count each self-attention processor really runs on."""
     seen: dict[str, list[int]] = {}
@@ -157,11 +222,12 @@ def test_transformers(name):
     assert torch.equal(output(model, k), ref)
 
 
-def test_unet_path_has_no_graph_breaks(shapes):
+@pytest.mark.parametrize("mlp", [False, True])
+def test_unet_path_has_no_graph_breaks(shapes, mlp):
     unet, enc = shapes
     x, ctx = _x(2), enc(torch.tensor([1, 2])).detach()
     torch._dynamo.reset()
-    with ve.patched(unet, ve.TokenMerge(ratio=0.5)):
+    with ve.patched(unet, ve.TokenMerge(ratio=0.5, mlp=mlp)):
         eager = unet(x, torch.tensor(400), encoder_hidden_states=ctx).sample
         compiled = torch.compile(unet, backend="eager", fullgraph=True)  # fullgraph: any break raises
         with torch.no_grad():
@@ -184,3 +250,9 @@ def test_bad_configuration_errors():
                              up_block_types=("UpBlock2D", "UpBlock2D")), ve.TokenMerge(ratio=0.5))
     with pytest.raises(ve.UnsupportedModelError, match="method='merge'"):
         ve.apply(ALL["sd3"][0](), ve.TokenMerge(ratio=0.5, method="downsample"))
+    with pytest.raises(ValueError, match="method='merge'"):
+        ve.TokenMerge(ratio=0.5, method="downsample", mlp=True)
+    with pytest.raises(ValueError, match="mlp"):
+        ve.TokenMerge(ratio=0.5, mlp=1)
+    with pytest.raises(ve.UnsupportedModelError, match="mlp=False"):
+        ve.apply(ALL["sd3"][0](), ve.TokenMerge(ratio=0.5, mlp=True))

@@ -84,6 +84,9 @@ def supports_diffusers(obj: Any, cfg: Any) -> str | None:
                 "not have (its attention is joint with text); use method='merge'")
     if not self_attentions(model, kind):
         return f"{type(model).__name__} has no self-attention layer over image tokens"
+    if cfg.mlp and kind not in ("unet", "dit"):
+        return (f"mlp=True supports UNet and DiT/PixArt transformer blocks, not {type(model).__name__}'s; "
+                "use mlp=False")
     return None
 
 
@@ -109,9 +112,37 @@ def apply_diffusers(obj: Any, cfg: Any, handle: Any) -> None:
         ctx["txt"] = enc.shape[1] if enc is not None and enc.dim() == 3 else 0
 
     handle.add_hook(model.register_forward_pre_hook(record, with_kwargs=True))
-    for salt, (_, attn, mode) in enumerate(self_attentions(model, kind)):
-        handle.set_attr(attn, "processor", ReducedAttention(attn.processor, cfg, ctx, salt, mode, patch))
+    for salt, (name, attn, mode) in enumerate(self_attentions(model, kind)):
+        proc = ReducedAttention(attn.processor, cfg, ctx, salt, mode, patch)
+        handle.set_attr(attn, "processor", proc)
+        if cfg.mlp and name.endswith(".attn1"):
+            ff = getattr(model.get_submodule(name[:-len(".attn1")]), "ff", None)
+            if ff is not None:
+                _merge_feed_forward(ff, proc, handle)
     handle.state["context"] = ctx
+
+
+def _merge_feed_forward(ff: torch.nn.Module, proc: "ReducedAttention", handle: Any) -> None:
+    """Run ``ff`` on the tokens merged by the same block's self-attention match (hooks, no module swap):
+    the pre-hook merges the input, the forward hook unmerges the output. A call whose token count is
+    not the match's (chunked feed-forward) or that follows an unreduced attention runs unchanged."""
+    active: dict[str, Any] = {"m": None}
+
+    def pre(module, args):
+        m, proc.last = proc.last, None
+        x = args[0] if args else None
+        if m is None or x is None or x.dim() != 3 or x.shape[1] != m.num_in:
+            active["m"] = None
+            return None
+        active["m"] = m
+        return (merge(x, m)[0], *args[1:])
+
+    def post(module, args, out):
+        m, active["m"] = active["m"], None
+        return out if m is None else unmerge(out, m)
+
+    handle.add_hook(ff.register_forward_pre_hook(pre))
+    handle.add_hook(ff.register_forward_hook(post))
 
 
 class ReducedAttention:
@@ -119,10 +150,11 @@ class ReducedAttention:
 
     def __init__(self, inner: Any, cfg: Any, ctx: dict, salt: int, mode: str, patch: int = 1):
         self.inner, self.cfg, self.ctx, self.salt, self.mode, self.patch = inner, cfg, ctx, salt, mode, patch
+        self.last = None  # the match of the latest call (mlp=True: the block's feed-forward reuses it)
 
     def __getattr__(self, name: str):
         # transparent for attributes diffusers or other adapters read on a processor (e.g. _attention_backend)
-        if name.startswith("__") or name in ("inner", "cfg", "ctx", "salt", "mode", "patch"):
+        if name.startswith("__") or name in ("inner", "cfg", "ctx", "salt", "mode", "patch", "last"):
             raise AttributeError(name)
         return getattr(self.inner, name)
 
@@ -141,6 +173,7 @@ class ReducedAttention:
         def run(hs, ehs=encoder_hidden_states, ex=extra):
             return self.inner(attn, hs, encoder_hidden_states=ehs, attention_mask=attention_mask, **ex)
 
+        self.last = None
         txt = self.ctx["txt"] if self.mode == "single" else 0
         n = hidden_states.shape[1] - txt if hidden_states.dim() == 3 else 0
         grid = self._grid(n)
@@ -179,6 +212,8 @@ class ReducedAttention:
         if txt:
             merged = torch.cat([hidden_states[:, :txt], merged], dim=1)
         if rope is None:
+            if not txt:
+                self.last = m
             return self._restore(run(merged), m, txt)
         # RoPE (Flux): every sample's kept tokens carry their own positions -> one call per sample
         outs = []

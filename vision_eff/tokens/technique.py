@@ -63,7 +63,11 @@ class TokenMerge:
         sx, sy: partition stride (one destination token per sy x sx cell of the token grid); the matching
             compares every source with every destination, so 4x4 cells make it 4x cheaper than ToMe-SD's
             2x2 (what lets merging pay on narrow attention levels, e.g. the built-in UNet's 32-channel 32x32);
-        seed: seed of the random destination choice.
+        seed: seed of the random destination choice;
+        mlp: also run each transformer block's feed-forward on the merged tokens (ToMe-SD's merge_mlp:
+            the self-attention's match is reused, so no second matching), for UNet and DiT/PixArt blocks
+            with method="merge". On narrow high-resolution levels the feed-forward costs more than the
+            attention, so this is where most of the time is.
     """
 
     r: int | tuple[int, ...] | None = None
@@ -76,6 +80,7 @@ class TokenMerge:
     sx: int = 2
     sy: int = 2
     seed: int = 0
+    mlp: bool = False
 
     key = "token_merge"
 
@@ -107,6 +112,11 @@ class TokenMerge:
         _check_int("sx", self.sx, 1)
         _check_int("sy", self.sy, 1)
         _check_int("seed", self.seed, 0)
+        if not isinstance(self.mlp, bool):
+            raise ValueError(f"mlp must be True or False, got {self.mlp!r}")
+        if self.mlp and self.method != "merge":
+            raise ValueError("mlp=True merges the feed-forward's tokens with the attention's match, which only "
+                             "method='merge' computes; use method='merge' or mlp=False")
 
     def supports(self, obj: Any) -> str | None:
         fam = family(obj)
