@@ -130,12 +130,8 @@ def _merge_feed_forward(ff: torch.nn.Module, proc: "ReducedAttention", handle: A
 
     def pre(module, args):
         m, proc.last = proc.last, None
-        x = args[0] if args else None
-        if m is None or x is None or x.dim() != 3 or x.shape[1] != m.num_in:
-            active["m"] = None
-            return None
-        active["m"] = m
-        return (merge(x, m)[0], *args[1:])
+        active["m"] = m if m is not None and args[0].shape[1] == m.num_in else None
+        return None if active["m"] is None else (merge(args[0], m)[0], *args[1:])
 
     def post(module, args, out):
         m, active["m"] = active["m"], None
@@ -212,7 +208,7 @@ class ReducedAttention:
         if txt:
             merged = torch.cat([hidden_states[:, :txt], merged], dim=1)
         if rope is None:
-            if not txt:
+            if self.cfg.mlp and not txt:
                 self.last = m
             return self._restore(run(merged), m, txt)
         # RoPE (Flux): every sample's kept tokens carry their own positions -> one call per sample
