@@ -21,6 +21,7 @@ _LAZY = {
     "TokenPrune": "vision_eff.tokens",
     "StepCache": "vision_eff.cache",
     "FastAttention": "vision_eff.kernels",
+    "ChunkedFeedForward": "vision_eff.layers",
     "attention": "vision_eff.kernels",
     "load_pipeline": "vision_eff.zoo",
 }

@@ -49,3 +49,18 @@ def test_rounds_flag_rejects_negative(capsys):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--rounds", "-1"])
     assert exc.value.code == 2 and "--rounds must be >= 0" in capsys.readouterr().err
+
+
+def test_paired_over_chunked_uses_the_chunked_rows_own_rounds():
+    """A '+ ChunkedFeedForward' row's ratio is taken per round over the chunked reference's time in that round."""
+    chunked = bench.CHUNKED_REFERENCE
+    ours = "StepCache x" + bench.CHUNKED_SUFFIX
+    paired = {None: {"times": [10.0, 20.0, 30.0]}, chunked: {"times": [8.0, 16.0, 24.0]},
+              ours: {"times": [4.0, 4.0, 12.0]}, "plain": {"times": [5.0, 10.0, 15.0]}}
+    rows = [{"setting": "reference"}, {"setting": chunked}, {"setting": ours}, {"setting": "plain"}]
+    bench._paired_over_chunked(rows, paired)
+    assert rows[2]["paired_over_chunked"] == 2.0  # median of 2, 4, 2
+    assert all("paired_over_chunked" not in r for i, r in enumerate(rows) if i != 2)
+    rows = [{"setting": ours}]
+    bench._paired_over_chunked(rows, {ours: paired[ours]})  # no chunked reference timed: no column
+    assert "paired_over_chunked" not in rows[0]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +33,8 @@ RESULTS = Path(__file__).resolve().parents[2] / "notes" / "results" / "diffusion
 GALLERY_DIR = Path(__file__).resolve().parents[2] / "gallery" / "diffusion"
 
 Setting = tuple[str, str, Callable[..., Callable[[], None]]]  # (name, who, apply(pipe, args) -> undo)
+CHUNKED_REFERENCE = "ChunkedFeedForward 4096 rows (same outputs)"  # the reference's outputs, faster
+CHUNKED_SUFFIX = " + ChunkedFeedForward"
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -94,6 +97,23 @@ def _deepcache(interval: int, branch: int = 0, tome: float | None = None):
     return apply
 
 
+def _plus(apply_first: Callable[..., Callable[[], None]], *techniques) -> Callable[..., Callable[[], None]]:
+    """A setting (ours or a peer's) with more of our techniques applied on top (e.g. ChunkedFeedForward)."""
+    def apply(pipe, args=None):
+        undo_first = apply_first(pipe, args)
+        try:
+            handle = ve.apply(pipe, *techniques)
+        except Exception:
+            undo_first()
+            raise
+
+        def undo():
+            handle.remove()
+            undo_first()
+        return undo
+    return apply
+
+
 def _diffusers_hook(kind: str, **config):
     def apply(pipe, args=None):
         from diffusers.hooks import (FirstBlockCacheConfig, TaylorSeerCacheConfig, apply_first_block_cache,
@@ -135,6 +155,7 @@ def _diffusers_hook(kind: str, **config):
 
 def unet_settings() -> list[Setting]:
     TM, SC = ve.TokenMerge, ve.StepCache
+    CFF = ve.ChunkedFeedForward(rows=4096)
     return [
         ("TokenMerge 0.5 (merge)", "ours", _ours(TM(ratio=0.5))),
         ("TokenMerge 0.5 (merge, 32x32 level only)", "ours", _ours(TM(ratio=0.5, min_tokens=1024))),
@@ -170,6 +191,14 @@ def unet_settings() -> list[Setting]:
          _calibrated(10, TM(ratio=0.2, min_tokens=1024, sx=4, sy=4, mlp=True))),
         ("StepCache calibrated 10 full steps, order 1 + TokenMerge 0.3 (merge + mlp, 32x32 only, 4x4 cells)", "ours",
          _calibrated(10, TM(ratio=0.3, min_tokens=1024, sx=4, sy=4, mlp=True))),
+        # ChunkedFeedForward computes the same function (the first row's PSNR is inf): it speeds the reference
+        # itself up, so the merging + caching rows with it are compared with that row as well as with the reference
+        (CHUNKED_REFERENCE, "ours", _ours(CFF)),
+        ("StepCache calibrated 10 full steps, order 1 + TokenMerge 0.2 (merge, 32x32 only, 4x4 cells)" + CHUNKED_SUFFIX,
+         "ours", _plus(_calibrated(10, TM(ratio=0.2, min_tokens=1024, sx=4, sy=4)), CFF)),
+        ("StepCache calibrated 10 full steps, order 1 + TokenMerge 0.3 (merge, 32x32 only, 4x4 cells)" + CHUNKED_SUFFIX,
+         "ours", _plus(_calibrated(10, TM(ratio=0.3, min_tokens=1024, sx=4, sy=4)), CFF)),
+        ("DeepCache interval 4" + CHUNKED_SUFFIX, "DeepCache 0.1.1 + ours", _plus(_deepcache(4), CFF)),
         ("tomesd 0.5", "tomesd 0.1.3", _tomesd(0.5)),
         ("DeepCache interval 3", "DeepCache 0.1.1", _deepcache(3)),
         ("DeepCache interval 5", "DeepCache 0.1.1", _deepcache(5)),
@@ -245,6 +274,18 @@ def _paired_timing(pipe, applies: dict[str, Callable], labels, noise, args) -> d
     return interleaved_rounds(one, [None, *applies], args.rounds, baseline=None, warmup=False)
 
 
+def _paired_over_chunked(rows: list[dict], paired: dict) -> None:
+    """``paired_over_chunked``: a ``... + ChunkedFeedForward`` row's paired speed-up over the chunked reference
+    (same outputs as the reference, so the speed-up that merging / caching add on that faster base), per round."""
+    base = paired.get(CHUNKED_REFERENCE)
+    if base is None:
+        return
+    for row in rows:
+        if row["setting"].endswith(CHUNKED_SUFFIX) and row["setting"] in paired:
+            ratios = [b / t for b, t in zip(base["times"], paired[row["setting"]]["times"])]
+            row["paired_over_chunked"] = statistics.median(ratios)
+
+
 def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[list[dict], list]:
     from ..metrics import psnr, ssim
     from ..zoo import NUM_CLASSES, load_pipeline
@@ -291,6 +332,7 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
         for row in rows[1:]:
             if row["setting"] in paired:  # not the rows of settings that did not run
                 row["paired_speedup"] = paired[row["setting"]]["speedup"]
+        _paired_over_chunked(rows, paired)
         print(f"[{name}] paired speed-ups: {[(r['setting'], r.get('paired_speedup')) for r in rows]}", flush=True)
     # the unpatched pipeline must be exactly the reference again after all the removes
     check, _ = _generate(pipe, labels[:args.batch], noise[:args.batch], args.steps, args.guidance, args.batch)
@@ -432,7 +474,8 @@ def bench_big(names: list[str], calls: int) -> list[dict]:
 def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
     from ..gallery import markdown_table, provenance
 
-    cols = ["setting", "who", "time_s", "speedup", *(["paired_speedup"] if args.rounds else []), "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
+    cols = ["setting", "who", "time_s", "speedup", *(["paired_speedup"] if args.rounds else []),
+            *(["paired_over_chunked"] if any("paired_over_chunked" in r for rows in parts.values() for r in rows) else []), "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
     text = ["# Token merging and step caching on diffusion models (`vision-eff bench diffusion`)", "",
             provenance("vision-eff bench diffusion " + " ".join(args.argv)), ""]
     if parts:
@@ -444,7 +487,10 @@ def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
             "load-independent measure of the work saved; time_s / speedup: wall clock on this machine."
             + (f" paired_speedup: the reference and every setting timed again in alternation on one batch, "
                f"{args.rounds} rounds (order reversed every other round), median of the per-round ratios."
-               if args.rounds else ""), ""]
+               if args.rounds else "")
+            + (" paired_over_chunked: the same per-round ratios taken over the ChunkedFeedForward row instead of the"
+               " reference (that row has the reference's outputs, faster), for the rows that add ChunkedFeedForward."
+               if any("paired_over_chunked" in r for rows in parts.values() for r in rows) else ""), ""]
     for name, rows in parts.items():
         text += [f"## {name}", "", markdown_table(rows, cols, floatfmt=".3g"), ""]
     if "fd_floor" in args.__dict__ and args.fd_floor is not None:
