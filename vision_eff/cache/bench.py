@@ -472,12 +472,12 @@ def bench_big(names: list[str], calls: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- report
 def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
-    from ..gallery import markdown_table, provenance
+    from ..gallery import command_line, markdown_table, provenance
 
     cols = ["setting", "who", "time_s", "speedup", *(["paired_speedup"] if args.rounds else []),
             *(["paired_over_chunked"] if any("paired_over_chunked" in r for rows in parts.values() for r in rows) else []), "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
     text = ["# Token merging and step caching on diffusion models (`vision-eff bench diffusion`)", "",
-            provenance("vision-eff bench diffusion " + " ".join(args.argv)), ""]
+            provenance(command_line("vision-eff bench diffusion", args.argv)), ""]
     if parts:
         text += [f"n={args.n} class-balanced images per setting, guidance {args.guidance}, {args.steps} steps of "
             "DPM-Solver++ 2M, batch " f"{args.batch} (x2 with guidance), the same noise for every setting. "
