@@ -13,7 +13,9 @@ The block's own forward runs unchanged; around it:
   merges its input, a hook on ``mlp`` unmerges its output back to the block's token count, and the
   wrapped block forward merges the block's output. Because merging is a weighted mean (linear),
   ``merge(y + unmerge(m)) == merge(y) + m``: exactly the merged residual stream of ToMe, for every
-  residual form (LayerScale, gamma, drop-path, post-norm) without knowing it;
+  residual form (LayerScale, gamma, drop-path, post-norm) without knowing it. That output merge reuses
+  the MLP input's (``remerge``: the branch is equal on every token of a group, so the merge is the
+  kept rows plus the same corrections);
 - RoPE models (EVA-02): each token keeps one representative position; the block gets the rotary
   embedding gathered at those positions;
 - after the last block, merged tokens are unmerged back to the original token count, so
@@ -29,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .merge import Match, bipartite_match, compose, merge, split_alternate, take, unmerge
+from .merge import Match, bipartite_match, compose, merge, merge_parts, remerge, split_alternate, take, unmerge
 from .prune import cls_attention, prune_by_score, pruned_count
 
 __all__ = ["supports_timm", "apply_timm", "merge_schedule", "max_constant_r"]
@@ -188,6 +190,8 @@ class _State:
         self.match: Match | None = None
         self.q_cls: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
+        self.mlp_size: torch.Tensor | None = None  # the merged sizes and corrections of this block's MLP input
+        self.mlp_delta: torch.Tensor | None = None
 
     def plan(self, n: int) -> list:
         if n not in self.plans:
@@ -248,7 +252,8 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
     def mlp_in_hook(mod, args):
         if st.match is None:
             return None
-        return (merge(args[0], st.match, st.size)[0], *args[1:])
+        x, st.mlp_size, st.mlp_delta = merge_parts(args[0], st.match, st.size)
+        return (x, *args[1:])
 
     def mlp_out_hook(mod, args, out):
         if st.match is None:
@@ -268,6 +273,7 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
                 st.plan(st.n0)
             st.match = None
             st.bias = None
+            st.mlp_size = st.mlp_delta = None
             if st.size is not None and st.cfg.prop_attn:
                 st.bias = st.size.transpose(1, 2).log().unsqueeze(1)  # [B, 1, 1, N]
                 if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
@@ -279,7 +285,12 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
             out = orig(x, *args, **kwargs)
             m = st.match
             if m is not None:
-                out, st.size = merge(out, m, st.size)
+                if st.mlp_size is not None and not m.extra:
+                    # the block's output is its MLP input plus a token-wise branch of unmerged (so per-group
+                    # equal) rows: its merge is the kept rows plus the MLP input's merge corrections
+                    out, st.size = remerge(out, m, st.mlp_delta), st.mlp_size
+                else:
+                    out, st.size = merge(out, m, st.size)
                 st.origin = m.rep if st.origin is None else st.origin.gather(1, m.rep)
                 if st.is_merge:
                     st.inv_total = compose(st.inv_total, m)
