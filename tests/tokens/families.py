@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import timm
 import torch
+from timm.models.vision_transformer import ResPostBlock
 
 # name -> (timm model name, overrides); all 32x32 input, patch 4 -> 64 patch tokens
 FAMILIES = {
@@ -14,6 +15,7 @@ FAMILIES = {
     "qk_norm": ("vit_base_patch16_224", {"qk_norm": True}),
     "clip_prenorm": ("vit_base_patch32_clip_224", {}),
     "avgpool_no_cls": ("vit_base_patch16_224", {"class_token": False, "global_pool": "avg", "fc_norm": True}),
+    "res_post": ("vit_base_patch16_224", {"block_fn": ResPostBlock}),  # post-norm blocks (norm after attn / mlp)
 }
 
 

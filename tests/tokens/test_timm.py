@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from timm.models.vision_transformer import ResPostBlock
 from torch.nn import functional as F
 
 import vision_eff as ve
@@ -82,11 +83,13 @@ def _oracle_features(model, x, plan, prune_keep=None, fuse=True):
             for i, blk in enumerate(model.blocks):
                 at = blk.attn
                 n, c = z.shape
-                qkv = at.qkv(blk.norm1(z)).reshape(n, 3, at.num_heads, at.head_dim).permute(1, 2, 0, 3)
+                post = isinstance(blk, ResPostBlock)  # norms after the branches: x + norm(f(x))
+                qkv = at.qkv(z if post else blk.norm1(z)).reshape(n, 3, at.num_heads, at.head_dim).permute(1, 2, 0, 3)
                 q, k, v = at.q_norm(qkv[0]), at.k_norm(qkv[1]), qkv[2]
                 logits = q @ k.transpose(-1, -2) * at.scale + size.log()
                 a = F.softmax(logits, -1) @ v
-                y = z + blk.ls1(at.proj(at.norm(a.transpose(0, 1).reshape(n, c))))
+                o = at.proj(at.norm(a.transpose(0, 1).reshape(n, c)))
+                y = z + (blk.norm1(o) if post else blk.ls1(o))
                 if plan[i]:
                     score = F.softmax(logits[:, 0], -1).mean(0) if prune_keep is not None else None
                     kc = None
@@ -99,7 +102,7 @@ def _oracle_features(model, x, plan, prune_keep=None, fuse=True):
                             where[m] = gi
                     owner = [where.get(o, -1) for o in owner]
                     y, size = _pool(y, size, groups), torch.stack([size[g].sum() for g in groups])
-                z = y + blk.ls2(blk.mlp(blk.norm2(y)))
+                z = y + (blk.norm2(blk.mlp(y)) if post else blk.ls2(blk.mlp(blk.norm2(y))))
             if prune_keep is None:
                 z = z[owner]
             outs.append(model.norm(z))
@@ -107,7 +110,7 @@ def _oracle_features(model, x, plan, prune_keep=None, fuse=True):
     return outs
 
 
-@pytest.mark.parametrize("family", ["vit", "deit3_layerscale", "dinov2_registers", "qk_norm"])
+@pytest.mark.parametrize("family", ["vit", "deit3_layerscale", "dinov2_registers", "qk_norm", "res_post"])
 @pytest.mark.parametrize("cfg", [dict(r=9), dict(keep=0.4, schedule="decreasing"), dict(r=(12, 0, 7))])
 def test_merge_matches_float64_oracle(family, cfg):
     model = tiny(family)
