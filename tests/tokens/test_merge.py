@@ -136,3 +136,18 @@ def test_cls_attention_against_softmax():
     bias = torch.randn(2, 1, 1, 9, generator=g)
     ref = ((q.double() @ k.double().transpose(-1, -2)) * 0.5 + bias.double()).softmax(-1)[:, :, 0].mean(1)
     torch.testing.assert_close(cls_attention(q[:, :, :1], k, 0.5, bias).double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_and_remerge_gradients_match_finite_differences():
+    """merge() adds into its gather in place; autograd must still see the weighted mean (float64 gradcheck)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 11, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    size = torch.rand(2, 11, 1, dtype=torch.float64, generator=g) + 1
+    m = bipartite_match(torch.randn(2, 11, 4, dtype=torch.float64, generator=g), *split_alternate(11, 1), 3)
+    assert torch.autograd.gradcheck(lambda t: merge(t, m, size)[0], (x,))
+
+    def block(t):  # the timm adapter's pattern: merged MLP input, unmerged branch, re-merged output
+        mt, _, delta = merge_parts(t, m, size)
+        return remerge(t + unmerge(mt.tanh(), m), m, delta)
+
+    assert torch.autograd.gradcheck(block, (x,))
