@@ -88,8 +88,8 @@ def _oracle_features(model, x, plan, prune_keep=None, fuse=True):
                 q, k, v = at.q_norm(qkv[0]), at.k_norm(qkv[1]), qkv[2]
                 logits = q @ k.transpose(-1, -2) * at.scale + size.log()
                 a = F.softmax(logits, -1) @ v
-                o = at.proj(at.norm(a.transpose(0, 1).reshape(n, c)))
-                y = z + (blk.norm1(o) if post else blk.ls1(o))
+                attn_out = at.proj(at.norm(a.transpose(0, 1).reshape(n, c)))
+                y = z + (blk.norm1(attn_out) if post else blk.ls1(attn_out))
                 if plan[i]:
                     score = F.softmax(logits[:, 0], -1).mean(0) if prune_keep is not None else None
                     kc = None
