@@ -143,11 +143,14 @@ def bipartite_match(metric: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tens
     with torch.no_grad():
         m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         a, b = take(m, a_idx), take(m, b_idx)
-        best, best_j = (a @ b.transpose(1, 2)).max(dim=-1)  # [B, Na]
-        order = best.argsort(dim=-1, descending=True, stable=True)
+        scores = a @ b.transpose(1, 2)  # [B, Na, Nb]
+        # each A token's best similarity ranks it; only the r merged ones need their best B token
+        # (amax + argmax of r rows: several times cheaper than max with indices over all Na rows)
+        order = scores.amax(dim=-1).argsort(dim=-1, descending=True, stable=True)
         src_rows = order[:, :r]
+        best_j = scores.gather(1, src_rows.unsqueeze(-1).expand(-1, -1, scores.shape[-1])).argmax(dim=-1)
         src = a_idx.gather(1, src_rows)
-        dst_pos = b_idx.gather(1, best_j.gather(1, src_rows))
+        dst_pos = b_idx.gather(1, best_j)
         keep = torch.cat([a_idx.gather(1, order[:, r:]), b_idx], dim=1)
         # tokens outside A and B (protected) are kept as they are
         outside = _outside(n, a_idx, b_idx)
