@@ -24,6 +24,8 @@ def run_cli(*args):
     (["zoo", "train", "shapes-classifier", "--teacher", "shapes-unet"], "only a built-in diffusion model"),
     (["zoo", "train", "shapes-dit", "--teacher", "shapes-vit"], "invalid choice"),
     (["generate", "--cache-interval", "0"], "--cache-interval must be >= 1"),
+    (["zoo", "train", "shapes-classifier", "--keep-checkpoints"], "are for the diffusion models"),
+    (["zoo", "train", "shapes-dit", "--save-every", "0"], "--save-every must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):
     r = run_cli(*args)

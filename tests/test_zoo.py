@@ -96,3 +96,18 @@ def test_training_a_few_steps_writes_a_loadable_record(tmp_path):
     pipe = ShapesUNetPipeline(unet=modules["unet"], label_encoder=modules["label_encoder"],
                               scheduler=zoo.default_scheduler("shapes-unet"))
     assert pipe(class_labels=[0], num_inference_steps=1, output_type="pt").images.shape == (1, 3, 32, 32)
+
+
+def test_a_pipeline_loads_weights_other_than_the_packaged_ones(tmp_path):
+    fresh = zoo.build("shapes-dit")
+    torch.manual_seed(3)
+    for p in fresh["transformer"].parameters():
+        p.data.normal_(0, 0.02)
+    path = weights.save(fresh, tmp_path / "dit.safetensors", {"model": "shapes-dit"})
+    pipe = zoo.load_pipeline("shapes-dit", weights=path)
+    packaged = zoo.load_pipeline("shapes-dit")
+    got = dict(pipe.transformer.named_parameters())
+    assert all(torch.equal(got[k], v) for k, v in fresh["transformer"].named_parameters())
+    assert not all(torch.equal(got[k], v) for k, v in packaged.transformer.named_parameters())
+    with pytest.raises(weights.WeightsError, match="holds weights for 'shapes-dit'"):
+        zoo.load_pipeline("shapes-unet", weights=path)

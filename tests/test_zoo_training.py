@@ -49,6 +49,31 @@ def test_continuing_from_weights_reads_fresh_data_and_keeps_the_history(tmp_path
     assert [h["steps_done"] for h in m2["history"]] == [2]
 
 
+def test_kept_checkpoints_are_the_weights_written_at_those_steps(tmp_path, monkeypatch):
+    _tiny_entry(monkeypatch, steps=3, batch_size=2, pretrain=None)
+    seen = {}
+    save = train_mod.save
+
+    def spy(modules, path, meta):  # what each periodic write held, to compare with the kept copies
+        seen[meta["steps_done"]] = {f"{c}.{k}": v.clone() for c, m in modules.items() for k, v in m.state_dict().items()}
+        return save(modules, path, meta)
+
+    monkeypatch.setattr(train_mod, "save", spy)
+    out = train_mod.train("shapes-unet", out=tmp_path / "u.safetensors", progress=False, save_every=1,
+                          keep_checkpoints=True)
+    kept = sorted(p.name for p in tmp_path.glob("u.step*.safetensors"))
+    assert kept == ["u.step1.safetensors", "u.step2.safetensors"]  # the final weights are `out` itself
+    from safetensors.torch import load_file
+
+    for step in (1, 2):
+        path = train_mod.checkpoint_path(out, step)
+        assert weights.read_metadata(path)["steps_done"] == step
+        got = load_file(str(path))
+        assert all(torch.equal(got[k], v.float()) for k, v in seen[step].items())
+    assert not torch.equal(load_file(str(tmp_path / "u.step1.safetensors"))["unet.conv_in.weight"],
+                           load_file(str(out))["unet.conv_in.weight"])
+
+
 def test_adding_the_zero_initialised_class_embedding_leaves_the_model_unchanged(tmp_path):
     torch.manual_seed(0)
     plain = zoo.build("shapes-unet", class_embed=False)

@@ -99,6 +99,10 @@ def _add_zoo(sub) -> None:
     t.add_argument("--init-from", default=None, metavar="WEIGHTS",
                    help="continue from these weights (skips the recipe's pretraining stages; the run reads "
                         "fresh data after what those weights saw, and the metadata keeps their history)")
+    t.add_argument("--save-every", type=_positive_int("--save-every"), default=None, metavar="N",
+                   help="write the weights so far every N steps (diffusion models; default: 250)")
+    t.add_argument("--keep-checkpoints", action="store_true",
+                   help="also keep each of those as OUT.stepN.safetensors (diffusion models)")
     t.add_argument("--teacher", default=None, choices=[n for n, z in ZOO.items() if z.kind in ("unet", "dit")],
                    help="distill from this trained built-in diffusion model: its prediction at each noisy "
                         "sample replaces the noisy regression target (labels are dropped for both alike)")
@@ -170,6 +174,10 @@ def _zoo(args) -> int:
                 raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
                                  f"one (got {args.name} from {args.teacher})")
             kwargs["teacher"] = args.teacher
+        if kind in ("unet", "dit"):
+            kwargs.update(save_every=args.save_every or 250, keep_checkpoints=args.keep_checkpoints)
+        elif args.keep_checkpoints or args.save_every is not None:
+            raise UsageError(f"--save-every / --keep-checkpoints are for the diffusion models, not {args.name}")
         if args.init_from is not None:
             if not Path(args.init_from).is_file():
                 raise UsageError(f"--init-from: no weights file at {args.init_from}")

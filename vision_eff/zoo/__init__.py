@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -22,11 +24,16 @@ def model_info(name: str) -> dict:
     return read_metadata(path) if path.exists() else {}
 
 
-def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, nn.Module]:
-    """A zoo model's trained components (eval mode), keyed by component name; offline, safetensors only."""
+def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+               weights: str | Path | None = None) -> dict[str, nn.Module]:
+    """A zoo model's trained components (eval mode), keyed by component name; offline, safetensors only.
+
+    ``weights``: a weights file of this model other than the packaged one (e.g. a checkpoint that
+    ``vision-eff zoo train NAME --out ... --keep-checkpoints`` wrote).
+    """
     e = entry(name)
     modules = build(e.name)
-    load_into(modules, weights_path(e.name), e.name)
+    load_into(modules, weights_path(e.name) if weights is None else weights, e.name)
     for m in modules.values():
         m.to(device=device)
         if dtype != torch.float32:
@@ -45,11 +52,13 @@ def default_scheduler(name: str):
     return DPMSolverMultistepScheduler(**SCHEDULE_CONFIG, prediction_type=e.prediction_type)
 
 
-def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                  weights: str | Path | None = None):
     """A diffusers pipeline for a built-in diffusion model (``shapes-unet`` or ``shapes-dit``).
 
     ``scheduler`` defaults to diffusers' DPM-Solver++ multistep; any diffusers scheduler built with
-    ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards.
+    ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards. ``weights``: as in
+    :func:`load_model`.
     """
     from .pipeline import ShapesDiTPipeline, ShapesUNetPipeline
 
@@ -57,7 +66,7 @@ def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu",
     if e.kind not in ("unet", "dit"):
         raise ValueError(f"{name!r} is a {e.kind}, not a diffusion model; pipelines exist for "
                          f"{', '.join(n for n, z in ZOO.items() if z.kind in ('unet', 'dit'))}")
-    modules = load_model(name, device=device, dtype=dtype)
+    modules = load_model(name, device=device, dtype=dtype, weights=weights)
     scheduler = scheduler if scheduler is not None else default_scheduler(name)
     if e.kind == "unet":
         pipe = ShapesUNetPipeline(unet=modules["unet"], label_encoder=modules["label_encoder"], scheduler=scheduler)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 import platform
+import shutil
 import time
 from pathlib import Path
 
@@ -164,7 +165,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def train(name: str, steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
           seed: int | None = None, out: str | Path | None = None, save_every: int = 250,
           progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
-          prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None) -> Path:
+          prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
+          keep_checkpoints: bool = False) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -172,6 +174,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     produced or ``steps`` is given (then only the final stage is trained, from scratch). ``stage``
     overrides recipe keys for one stage (used by that chain). ``teacher`` names a trained built-in
     diffusion model to distill from in the final stage (recorded in the recipe and the metadata).
+    Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
+    each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
     from accelerate import Accelerator
     from tqdm.auto import tqdm
@@ -256,6 +260,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
             meta["eval_accuracy"] = round(_classifier_accuracy(raw["classifier"]), 5)
         target = ema if ema is not None else raw
         save({k: target[k] for k in modules}, out, meta)
+        if keep_checkpoints and not final:
+            shutil.copyfile(out, checkpoint_path(out, step))
 
     for step in bar:
         x, y = next(stream)
@@ -276,6 +282,12 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     checkpoint(recipe["steps"], final=True)
     accel.wait_for_everyone()
     return out
+
+
+def checkpoint_path(out: str | Path, step: int) -> Path:
+    """Where ``train(..., keep_checkpoints=True)`` keeps the weights written after ``step`` steps."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.step{step}{out.suffix}")
 
 
 def _check_teacher(teacher: str | None, name: str) -> None:

@@ -1,0 +1,100 @@
+"""Study: the built-in DiT distilled from the built-in UNet, quality against distillation steps.
+
+Evaluates weights files of ``shapes-dit`` (checkpoints that ``vision-eff zoo train shapes-dit
+--teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``) beside
+the packaged DiT and the teacher, in one run, with the evaluator the zoo's quality bar uses:
+diffusers' default 50-step DPM-Solver++, classifier-free guidance, class-balanced labels, the
+same noise for every row; class accuracy and FD against the held-out split, and the real-vs-real
+FD floor at the same sample count.
+
+    python distill/dit_from_unet.py --checkpoints /tmp/kd/shapes-dit.step*.safetensors \
+        --out distill/results/shapes-dit-from-unet.md
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+
+def _steps(meta: dict) -> tuple[int, int, float]:
+    """(steps without a teacher, steps distilled from a teacher, training seconds), over the whole history."""
+    plain = kd = 0
+    secs = 0.0
+    for rec in [*(meta.get("history") or []), meta]:
+        steps = int(rec.get("steps_done") or 0)
+        recipe = rec.get("recipe") or {}
+        if recipe.get("teacher"):
+            kd += steps
+        else:
+            plain += steps
+        secs += float(rec.get("train_seconds") or 0.0)
+    return plain, kd, secs
+
+
+def _order(path: Path) -> tuple:
+    m = re.search(r"step(\d+)", path.name)
+    return (str(path.parent), int(m.group(1)) if m else 1 << 30, path.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vision_eff.gallery import command_line, markdown_table, provenance
+    from vision_eff.main_job import balanced_labels, generate, reference_configuration
+    from vision_eff.metrics import Evaluator
+    from vision_eff.zoo import load_pipeline, model_info
+    from vision_eff.zoo.weights import read_metadata, weights_path
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="shapes-dit weights files")
+    p.add_argument("--samples", type=int, default=64, help="generated images per row (class-balanced)")
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=1, help="noise seed (as `vision-eff bench zoo`)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown)")
+    args = p.parse_args(argv)
+    missing = [str(c) for c in args.checkpoints if not c.is_file()]
+    if missing:
+        p.error(f"no weights file at {', '.join(missing)}")
+    if args.samples < 16:
+        p.error("--samples must be >= 16")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ev = Evaluator()
+    labels = balanced_labels(args.samples)
+    floor = ev.fd_floor(args.samples)
+    runs = [("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
+            ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
+    runs += [(str(c), "shapes-dit", c, read_metadata(c)) for c in sorted(args.checkpoints, key=_order)]
+    rows = []
+    for what, name, path, meta in runs:
+        pipe = load_pipeline(name, weights=path)
+        imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
+        plain, kd, train_s = _steps(meta) if name == "shapes-dit" else ("", "", None)  # the teacher's: README
+        rows.append({"weights": what if path is None else f"`{path.name}`", "steps (no teacher)": plain,
+                     "steps distilled": kd, "train min": "" if train_s is None else round(train_s / 60),
+                     "accuracy": ev.accuracy(imgs, labels),
+                     "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
+        print(rows[-1], flush=True)
+    table = markdown_table(rows, list(rows[0]))
+    print(table)
+    if args.out is not None:
+        text = (f"# shapes-dit distilled from shapes-unet\n\n"
+                f"Made by {provenance(command_line('python distill/dit_from_unet.py', argv))}.\n\n"
+                f"n={args.samples} class-balanced images per row, diffusers' DPM-Solver++ 2M, 50 steps, guidance "
+                f"{args.guidance}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "
+                f"class for the label asked for; FD: evaluator features against the held-out split; FD floor: real "
+                f"images against the same split at the same n. Steps and minutes count every stage in the weights' "
+                f"history (batch 32). Packaged weights: {weights_path('shapes-dit').name} as committed.\n\n"
+                f"{table}\n")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
