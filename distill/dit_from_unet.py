@@ -8,12 +8,11 @@ same noise for every row; class accuracy and FD against the held-out split, and 
 FD floor at the same sample count.
 
     python distill/dit_from_unet.py --checkpoints /tmp/kd/shapes-dit.step*.safetensors \
-        --out distill/results/shapes-dit-from-unet.md
+        --out distill/results/shapes-dit-from-unet.md --gallery
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -35,14 +34,9 @@ def _steps(meta: dict) -> tuple[int, int, float]:
     return plain, kd, secs
 
 
-def _order(path: Path) -> tuple:
-    m = re.search(r"step(\d+)", path.name)
-    return (str(path.parent), int(m.group(1)) if m else 1 << 30, path.name)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from vision_eff.gallery import command_line, markdown_table, provenance
-    from vision_eff.main_job import balanced_labels, generate, reference_configuration
+    from vision_eff.gallery import GALLERY, command_line, labelled_panels, markdown_table, provenance, update_section
+    from vision_eff.main_job import balanced_labels, class_grid, generate, reference_configuration
     from vision_eff.metrics import Evaluator
     from vision_eff.zoo import load_pipeline, model_info
     from vision_eff.zoo.weights import read_metadata, weights_path
@@ -54,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="noise seed (as `vision-eff bench zoo`)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown)")
+    p.add_argument("--gallery", action="store_true",
+                   help="also put the images side by side (first, last checkpoint) in the gallery page")
     args = p.parse_args(argv)
     missing = [str(c) for c in args.checkpoints if not c.is_file()]
     if missing:
@@ -68,22 +64,35 @@ def main(argv: list[str] | None = None) -> int:
     floor = ev.fd_floor(args.samples)
     runs = [("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
             ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
-    runs += [(str(c), "shapes-dit", c, read_metadata(c)) for c in sorted(args.checkpoints, key=_order)]
-    rows = []
+    runs += [(str(c), "shapes-dit", c, read_metadata(c)) for c in args.checkpoints]  # in the order given
+    rows, panels = [], []
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)
         imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
         plain, kd, train_s = _steps(meta) if name == "shapes-dit" else ("", "", None)  # the teacher's: README
-        rows.append({"weights": what if path is None else f"`{path.name}`", "steps (no teacher)": plain,
+        rows.append({"weights": what if path is None else f"`{path.parent.name}/{path.name}`", "steps (no teacher)": plain,
                      "steps distilled": kd, "train min": "" if train_s is None else round(train_s / 60),
                      "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)
+        caption = ("teacher (UNet)" if name == "shapes-unet" else "DiT (packaged)" if path is None
+                   else f"DiT, {kd} KD steps ({path.parent.name})")
+        per = min(8, args.samples // 8)
+        panels.append((f"{caption}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))
     table = markdown_table(rows, list(rows[0]))
     print(table)
+    made_by = provenance(command_line("python distill/dit_from_unet.py", argv))
+    if args.gallery:  # teacher, packaged DiT, then the last checkpoint of each run (folder)
+        last = {Path(what).parent: k for k, (what, *_rest) in enumerate(runs) if k >= 2}
+        shown = panels[:2] + [panels[k] for k in last.values()]
+        labelled_panels(shown, min(8, args.samples // 8), scale=2).save(GALLERY / "distill-shapes-dit.png")
+        update_section("distill-shapes-dit", f"## The DiT distilled from the UNet\n\n"
+                       f"![distillation](distill-shapes-dit.png)  \nOne row per class (circle, square, triangle, star, "
+                       f"ring, cross, crescent, heart); class accuracy over all {args.samples} images in each caption. "
+                       f"Made by {made_by}. Table: `distill/results/shapes-dit-from-unet.md`.\n")
     if args.out is not None:
         text = (f"# shapes-dit distilled from shapes-unet\n\n"
-                f"Made by {provenance(command_line('python distill/dit_from_unet.py', argv))}.\n\n"
+                f"Made by {made_by}.\n\n"
                 f"n={args.samples} class-balanced images per row, diffusers' DPM-Solver++ 2M, 50 steps, guidance "
                 f"{args.guidance}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "
                 f"class for the label asked for; FD: evaluator features against the held-out split; FD floor: real "
