@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown)")
     p.add_argument("--gallery", action="store_true",
-                   help="also put the images side by side (first, last checkpoint) in the gallery page")
+                   help="also put the images side by side (teacher, packaged DiT, last checkpoint of each folder) "
+                        "in the gallery page")
     args = p.parse_args(argv)
     missing = [str(c) for c in args.checkpoints if not c.is_file()]
     if missing:
