@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(name, weights=path)
         imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
         plain, kd, train_s = _steps(meta) if name == "shapes-dit" else ("", "", None)  # the teacher's: README
-        rows.append({"weights": what if path is None else f"`{path.parent.name}/{path.name}`", "steps (no teacher)": plain,
-                     "steps distilled": kd, "train min": "" if train_s is None else round(train_s / 60),
+        label = what if path is None else f"`{path.parent.name}/{path.name}`"
+        rows.append({"weights": label, "steps (no teacher)": plain, "steps distilled": kd, "train min": "" if train_s is None else round(train_s / 60),
                      "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)

@@ -175,7 +175,9 @@ def _zoo(args) -> int:
                                  f"one (got {args.name} from {args.teacher})")
             kwargs["teacher"] = args.teacher
         if kind in ("unet", "dit"):
-            kwargs.update(save_every=args.save_every or 250, keep_checkpoints=args.keep_checkpoints)
+            kwargs["keep_checkpoints"] = args.keep_checkpoints
+            if args.save_every is not None:  # else train()'s default
+                kwargs["save_every"] = args.save_every
         elif args.keep_checkpoints or args.save_every is not None:
             raise UsageError(f"--save-every / --keep-checkpoints are for the diffusion models, not {args.name}")
         if args.init_from is not None:
