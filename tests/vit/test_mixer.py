@@ -80,6 +80,10 @@ def test_recover_mixer_reduces_feature_error(tmp_path):
     from vision_eff.zoo.weights import read_metadata
 
     assert read_metadata(path)["swap"]["blocks"] == [0]
+    with torch.no_grad():  # another model (here: one weight changed) must not take these blocks
+        model.blocks[1].mlp.fc2.bias.add_(1e-3)
+    with pytest.raises(ValueError, match="recovered from another model"):
+        ve.apply(model, MixerSwap(blocks=(0,), weights=str(path)))
 
 
 def test_kd_loss_is_the_tempered_kl_in_float64():

@@ -35,9 +35,9 @@ VIT_CONFIG = dict(img_size=IMAGE_SIZE, patch_size=4, embed_dim=128, depth=6, num
                   num_classes=data.NUM_CLASSES, class_token=True, global_pool="token")
 STEM_CHANNELS = (32, 64, 128)  # 3x3 convolutions at strides 1, 2, 2
 # ``steps`` is the final 64x64 stage; ``pretrain`` the low-resolution stage before it.
-TRAIN_RECIPE = dict(steps=300, batch_size=64, lr=3e-4, weight_decay=0.05, warmup=20, seed=0,
-                    label_smoothing=0.1, bf16=True, max_minutes=12.0,
-                    pretrain=dict(img_size=32, steps=2500, lr=5e-4, warmup=100, max_minutes=22.0))
+TRAIN_RECIPE = dict(steps=600, batch_size=64, lr=3e-4, weight_decay=0.05, warmup=20, seed=0,
+                    label_smoothing=0.1, bf16=True, max_minutes=15.0,
+                    pretrain=dict(img_size=32, steps=5000, lr=5e-4, warmup=100, max_minutes=60.0))
 
 
 def conv_stem(embed_dim: int, channels: tuple[int, ...] = STEM_CHANNELS) -> nn.Sequential:

@@ -129,6 +129,16 @@ class MixerSwap:
         if self.weights is not None:
             from safetensors.torch import load_file
 
+            from ..samplers.schedules import model_fingerprint
+            from ..zoo.weights import read_metadata
+
+            # recovered blocks are whole blocks (norms and MLP too) distilled from one model: refuse them on another
+            base = read_metadata(self.weights).get("base_fingerprint")
+            if base is not None and base != model_fingerprint(model):
+                raise ValueError(f"{self.weights} holds blocks recovered from another model (fingerprint {base}, "
+                                 f"this one {model_fingerprint(model)}); recover them for this model with "
+                                 "vision_eff.vit.recover.recover_mixer (`vision-eff zoo train shapes-vit-poolmixer` "
+                                 "for the built-in ViT)")
             tensors = load_file(self.weights)
             for i, blk in new.items():
                 prefix = f"blocks.{i}."

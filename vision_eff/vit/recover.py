@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..samplers.schedules import model_fingerprint
 from ..zoo.weights import save, weights_path
 from .builtin import batches
 from .mixer import MixerSwap
@@ -99,6 +100,7 @@ def recover_mixer(model: nn.Module, swap: MixerSwap, steps: int = 300, batch_siz
     warm = max(1, min(20, steps // 5))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / steps))
     last = max(swap.blocks)
+    base_fingerprint = model_fingerprint(model)
     t0, ema = time.time(), None
     for blk in new.values():
         blk.train()
@@ -135,6 +137,7 @@ def recover_mixer(model: nn.Module, swap: MixerSwap, steps: int = 300, batch_siz
             print(f"[recover] step {step + 1}/{steps} loss {ema:.4f} {time.time() - t0:.0f}s", flush=True)
     out = Path(out) if out is not None else weights_path("shapes-vit-poolmixer")
     meta = dict(model="shapes-vit-poolmixer", swap=dict(blocks=list(swap.blocks), kernel=swap.kernel),
+                base_fingerprint=base_fingerprint,  # MixerSwap refuses these blocks on any other model
                 recipe=dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, kd=kd, temperature=temperature,
                             loss="hidden-state MSE / original block update"
                                  + (f" + {kd} x KL(original || swapped logits) at T={temperature}" if kd else "")),
