@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
     runs += [(str(c), "shapes-dit", c, read_metadata(c)) for c in args.checkpoints]  # in the order given
     rows, panels = [], []
+    per = min(8, args.samples // 8)  # images per class in the gallery grids
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)
         imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
@@ -78,7 +79,6 @@ def main(argv: list[str] | None = None) -> int:
         print(rows[-1], flush=True)
         caption = ("teacher (UNet)" if name == "shapes-unet" else "DiT (packaged)" if path is None
                    else f"DiT, {kd} KD steps ({path.parent.name})")
-        per = min(8, args.samples // 8)
         panels.append((f"{caption}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))
     table = markdown_table(rows, list(rows[0]))
     print(table)
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gallery:  # teacher, packaged DiT, then the last checkpoint of each run (folder)
         last = {Path(what).parent: k for k, (what, *_rest) in enumerate(runs) if k >= 2}
         shown = panels[:2] + [panels[k] for k in last.values()]
-        labelled_panels(shown, min(8, args.samples // 8), scale=2).save(GALLERY / "distill-shapes-dit.png")
+        labelled_panels(shown, per, scale=2).save(GALLERY / "distill-shapes-dit.png")
         update_section("distill-shapes-dit", f"## The DiT distilled from the UNet\n\n"
                        f"![distillation](distill-shapes-dit.png)  \nOne row per class (circle, square, triangle, star, "
                        f"ring, cross, crescent, heart); class accuracy over all {args.samples} images in each caption. "

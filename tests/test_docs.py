@@ -55,8 +55,6 @@ def test_quoted_commands_use_existing_options(capsys):
     groups = {"bench", "zoo", "samplers"}
     for where, cmd in commands:
         words = shlex.split(cmd)[1:]
-        if not words:
-            continue
         assert words[0] in {"generate", *groups}, f"{where}: `{cmd}` names no vision-eff command"
         path = words[:2] if words[0] in groups and len(words) > 1 and not words[1].startswith("-") else words[:1]
         helptext = _help(path, capsys)

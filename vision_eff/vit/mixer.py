@@ -133,8 +133,8 @@ class MixerSwap:
             from ..zoo.weights import read_metadata
 
             # recovered blocks are whole blocks (norms and MLP too) distilled from one model: refuse them on another
-            base, this = read_metadata(self.weights).get("base_fingerprint"), model_fingerprint(model)
-            if base is not None and base != this:
+            base = read_metadata(self.weights).get("base_fingerprint")
+            if base is not None and base != (this := model_fingerprint(model)):
                 raise ValueError(f"{self.weights} holds blocks recovered from another model (fingerprint {base}, "
                                  f"this one {this}); recover them for this model with "
                                  "vision_eff.vit.recover.recover_mixer (`vision-eff zoo train shapes-vit-poolmixer` "
