@@ -1,4 +1,4 @@
-"""Study: the built-in DiT distilled from the built-in UNet, quality against distillation steps.
+"""Study: the built-in DiT distilled from the built-in UNet (or trained further with REPA), quality against steps.
 
 Evaluates weights files of ``shapes-dit`` (checkpoints that ``vision-eff zoo train shapes-dit
 --teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``) beside
@@ -19,19 +19,22 @@ from pathlib import Path
 import torch
 
 
-def _steps(meta: dict) -> tuple[int, int, float]:
-    """(steps without a teacher, steps distilled from a teacher, training seconds), over the whole history."""
-    plain = kd = 0
+def _steps(meta: dict) -> tuple[int, int, int, float]:
+    """(steps on the data alone, steps distilled from a teacher, steps with REPA alignment, training
+    seconds), over the whole history."""
+    plain = kd = repa = 0
     secs = 0.0
     for rec in [*(meta.get("history") or []), meta]:
         steps = int(rec.get("steps_done") or 0)
         recipe = rec.get("recipe") or {}
         if recipe.get("teacher"):
             kd += steps
+        elif recipe.get("repa"):
+            repa += steps
         else:
             plain += steps
         secs += float(rec.get("train_seconds") or 0.0)
-    return plain, kd, secs
+    return plain, kd, repa, secs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="noise seed (as `vision-eff bench zoo`)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown)")
+    p.add_argument("--title", default="shapes-dit distilled from shapes-unet", help="the table file's heading")
     p.add_argument("--gallery", action="store_true",
                    help="also put the images side by side (teacher, packaged DiT, last checkpoint of each folder) "
                         "in the gallery page")
@@ -71,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)
         imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
-        plain, kd, train_s = _steps(meta) if name == "shapes-dit" else ("", "", None)  # the teacher's: README
+        plain, kd, repa, train_s = _steps(meta) if name == "shapes-dit" else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
-        rows.append({"weights": label, "steps (no teacher)": plain, "steps distilled": kd, "train min": "" if train_s is None else round(train_s / 60),
+        rows.append({"weights": label, "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                      "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"ring, cross, crescent, heart); class accuracy over all {args.samples} images in each caption. "
                        f"Made by {made_by}. Table: `distill/results/shapes-dit-from-unet.md`.\n")
     if args.out is not None:
-        text = (f"# shapes-dit distilled from shapes-unet\n\n"
+        text = (f"# {args.title}\n\n"
                 f"Made by {made_by}.\n\n"
                 f"n={args.samples} class-balanced images per row, diffusers' DPM-Solver++ 2M, 50 steps, guidance "
                 f"{args.guidance}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "

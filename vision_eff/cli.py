@@ -106,6 +106,12 @@ def _add_zoo(sub) -> None:
     t.add_argument("--teacher", default=None, choices=[n for n, z in ZOO.items() if z.kind in ("unet", "dit")],
                    help="distill from this trained built-in diffusion model: its prediction at each noisy "
                         "sample replaces the noisy regression target (labels are dropped for both alike)")
+    t.add_argument("--repa", action="store_true",
+                   help="shapes-dit: add REPA representation alignment (an early block's tokens pulled towards "
+                        "the trained shapes-vit's patch features of the clean image; needs shapes-vit)")
+    t.add_argument("--shared-label-dropout", action="store_true",
+                   help="shapes-dit: drop each sample's label once for every block (diffusers' DiT drops "
+                        "it per block, so guidance's all-null input is almost never trained)")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -174,6 +180,12 @@ def _zoo(args) -> int:
                 raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
                                  f"one (got {args.name} from {args.teacher})")
             kwargs["teacher"] = args.teacher
+        if args.repa or args.shared_label_dropout:
+            if kind != "dit":
+                raise UsageError(f"--repa / --shared-label-dropout are for shapes-dit, not {args.name}")
+            from .zoo.repa import DEFAULT_REPA
+
+            kwargs.update(repa=dict(DEFAULT_REPA) if args.repa else None, shared_label_dropout=args.shared_label_dropout or None)
         if kind in ("unet", "dit"):
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default

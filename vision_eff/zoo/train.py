@@ -75,7 +75,8 @@ class _Objective(nn.Module):
     """Holds a zoo model's components and computes its training loss (one forward for DDP)."""
 
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
-                 prediction_type: str | None = None, loss: str = "mse", teacher=None):
+                 prediction_type: str | None = None, loss: str = "mse", teacher=None,
+                 shared_label_dropout: bool = False, repa: dict | None = None):
         super().__init__()
         if loss != "mse" and not (loss.startswith("min_snr") and loss[7:].replace(".", "", 1).isdigit()):
             raise ValueError(f"loss must be 'mse' or 'min_snrG' (e.g. 'min_snr5'), got {loss!r}")
@@ -88,12 +89,24 @@ class _Objective(nn.Module):
         self.label_dropout = label_dropout
         # a frozen teacher pipeline (not a submodule: it is neither trained, synced nor saved)
         object.__setattr__(self, "teacher", teacher)
-        if teacher is not None and self.entry.kind == "dit":
-            # the teacher must see the same dropped labels, so drop them once here for every block
-            # (diffusers' DiT has one label embedding per block, each dropping labels on its own)
+        # Diffusers' DiT has one label embedding per block, each dropping labels on its own, so the
+        # all-null input that guidance asks for is almost never trained. With a teacher (which must see
+        # the same dropped labels) or ``shared_label_dropout`` the labels are dropped once here instead.
+        self.shared_drop = self.entry.kind == "unet" or (self.entry.kind == "dit" and (teacher is not None
+                                                                                    or shared_label_dropout))
+        if self.shared_drop and self.entry.kind == "dit":
             for m in modules["transformer"].modules():
                 if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
                     m.dropout_prob = 0.0
+        self.repa, self.repa_weight, self.last_repa = None, 0.0, None
+        if repa:
+            if self.entry.kind != "dit":
+                raise ValueError(f"REPA alignment is for the DiT, not {name!r}")
+            from .repa import RepaAlignment
+
+            opts = dict(repa)
+            self.repa_weight = float(opts.pop("weight", 0.5))
+            self.repa = RepaAlignment(modules["transformer"], **opts)
         if self.entry.kind != "classifier":
             from diffusers import DDPMScheduler
 
@@ -108,7 +121,7 @@ class _Objective(nn.Module):
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        if e.kind == "unet" or self.teacher is not None:
+        if self.shared_drop:
             drop = (torch.rand(b, generator=gen) < self.label_dropout).to(x0.device)
             labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
         if e.kind == "unet":
@@ -125,10 +138,15 @@ class _Objective(nn.Module):
         else:
             target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
         if self.min_snr is None:
-            return nn.functional.mse_loss(out.float(), target)
-        snr = a / (1 - a)  # x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)
-        w = snr.clamp(max=self.min_snr) / (snr if self.prediction_type == "epsilon" else snr + 1)
-        return (w * (out.float() - target).square()).mean()
+            loss = nn.functional.mse_loss(out.float(), target)
+        else:
+            snr = a / (1 - a)  # x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)
+            w = snr.clamp(max=self.min_snr) / (snr if self.prediction_type == "epsilon" else snr + 1)
+            loss = (w * (out.float() - target).square()).mean()
+        if self.repa is not None:
+            self.last_repa = self.repa.loss(x0)
+            loss = loss + self.repa_weight * self.last_repa
+        return loss
 
 
 def convert_prediction(pred: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor, source: str,
@@ -166,7 +184,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
           seed: int | None = None, out: str | Path | None = None, save_every: int = 250,
           progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
           prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
-          keep_checkpoints: bool = False) -> Path:
+          keep_checkpoints: bool = False, repa: dict | None = None,
+          shared_label_dropout: bool | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -174,6 +193,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     produced or ``steps`` is given (then only the final stage is trained, from scratch). ``stage``
     overrides recipe keys for one stage (used by that chain). ``teacher`` names a trained built-in
     diffusion model to distill from in the final stage (recorded in the recipe and the metadata).
+    ``repa`` (DiT only) adds REPA representation alignment with the built-in ViT (options of
+    :class:`~vision_eff.zoo.repa.RepaAlignment` and ``weight``); ``shared_label_dropout`` (DiT) drops
+    each sample's label once for every block, so guidance's all-null input is trained.
     Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
     each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
@@ -182,7 +204,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
 
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         teacher=teacher)
+                         teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
@@ -226,12 +248,13 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
         with safe_open(str(init_from), framework="pt") as f:
             grows = class_embed and not any(k.startswith("unet.class_embedding.") for k in f.keys())
         load_into(modules, init_from, name, allow_missing=("class_embedding.",) if grows else ())
-    params = [p for m in modules.values() for p in m.parameters()]
-    opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
     teacher, teacher_meta = _load_teacher(recipe.get("teacher"), name, accel.device)
     objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type,
-                           recipe.get("loss", "mse"), teacher=teacher)
+                           recipe.get("loss", "mse"), teacher=teacher,
+                           shared_label_dropout=recipe.get("shared_label_dropout", False), repa=recipe.get("repa"))
+    params = list(objective.parameters())  # the model's, and REPA's training-only projector
+    opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
     wrapped, opt, sched = accel.prepare(objective, opt, sched)
     raw = accel.unwrap_model(wrapped).parts
     ema = copy.deepcopy(raw).eval() if "ema" in recipe else None
@@ -241,7 +264,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     t0 = time.time()
     wrapped.train()
     bar = tqdm(range(recipe["steps"]), desc=f"train {name}", disable=not (progress and accel.is_main_process))
-    ema_loss = None
+    ema_loss = ema_align = None
 
     def checkpoint(step: int, final: bool) -> None:
         if not accel.is_main_process:
@@ -255,6 +278,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
             train_seconds=round(time.time() - t0, 1), processes=accel.num_processes,
             machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
             torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5), **teacher_meta,
+            **({"final_repa": round(ema_align, 5)} if ema_align is not None else {}),
         )
         if e.kind == "classifier":
             meta["eval_accuracy"] = round(_classifier_accuracy(raw["classifier"]), 5)
@@ -275,11 +299,18 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
         opt.zero_grad(set_to_none=True)
         if ema is not None:
             _ema_update(ema, raw, min(recipe["ema"], (1 + step) / (10 + step)))
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        value = loss.item()  # the denoising loss (REPA's term is shown beside it)
+        if objective.last_repa is not None:
+            align = objective.last_repa.item()
+            value -= objective.repa_weight * align
+            ema_align = align if ema_align is None else 0.98 * ema_align + 0.02 * align
+        ema_loss = value if ema_loss is None else 0.98 * ema_loss + 0.02 * value
+        bar.set_postfix(loss=f"{ema_loss:.4f}", **({"repa": f"{ema_align:.3f}"} if ema_align is not None else {}))
         if save_every and (step + 1) % save_every == 0 and step + 1 < recipe["steps"]:
             checkpoint(step + 1, final=False)
     checkpoint(recipe["steps"], final=True)
+    if objective.repa is not None:
+        objective.repa.remove()
     accel.wait_for_everyone()
     return out
 
