@@ -90,6 +90,8 @@ class RepaAlignment(nn.Module):
         if self._hidden is None:
             raise RuntimeError("RepaAlignment.loss() needs a forward of the transformer first")
         h, self._hidden = self._hidden, None
+        if next(self.encoder.parameters()).device != x0.device:  # not a submodule: accelerate does not move it
+            self.encoder.to(x0.device)
         target = encoder_features(self.encoder, x0, self.encoder_block, self.encoder_size)
         if target.shape[:2] != h.shape[:2]:
             raise ValueError(f"REPA: the transformer block gives {tuple(h.shape[:2])} tokens but the encoder "
