@@ -37,6 +37,12 @@ def _steps(meta: dict) -> tuple[int, int, int, float]:
     return plain, kd, repa, secs
 
 
+def _start(meta: dict) -> str:
+    """How the run that started the weights' history was set up: its initialisation and label dropout."""
+    first = ([*(meta.get("history") or []), meta])[0].get("recipe") or {}
+    return f"{first.get('init', 'diffusers')} init, {'shared' if first.get('shared_label_dropout') else 'per-block'} dropout"
+
+
 def main(argv: list[str] | None = None) -> int:
     from vision_eff.gallery import GALLERY, command_line, labelled_panels, markdown_table, provenance, update_section
     from vision_eff.main_job import balanced_labels, class_grid, generate, reference_configuration
@@ -77,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
         plain, kd, repa, train_s = _steps(meta) if name == "shapes-dit" else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
-        rows.append({"weights": label, "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
+        rows.append({"weights": label, "start": _start(meta) if name == "shapes-dit" else "",
+                     "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                      "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)

@@ -27,6 +27,7 @@ def run_cli(*args):
     (["zoo", "train", "shapes-classifier", "--keep-checkpoints"], "are for the diffusion models"),
     (["zoo", "train", "shapes-unet", "--repa"], "are for shapes-dit, not shapes-unet"),
     (["zoo", "train", "shapes-vit", "--shared-label-dropout"], "are for shapes-dit, not shapes-vit"),
+    (["zoo", "train", "shapes-unet", "--dit-init"], "are for shapes-dit, not shapes-unet"),
     (["zoo", "train", "shapes-dit", "--save-every", "0"], "--save-every must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):

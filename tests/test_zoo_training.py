@@ -187,3 +187,39 @@ def test_a_model_cannot_be_its_own_teacher():
         train_mod._load_teacher("shapes-dit", "shapes-dit", "cpu")
     with pytest.raises(ValueError, match="another built-in diffusion model"):
         train_mod._load_teacher("shapes-classifier", "shapes-dit", "cpu")
+
+
+def test_dit_paper_initialisation_starts_every_block_as_the_identity_and_still_learns():
+    from vision_eff.zoo.models import build
+
+    torch.manual_seed(0)
+    t = build("shapes-dit", init="dit")["transformer"]
+    x, ts, y = torch.randn(2, 3, 32, 32), torch.tensor([10, 700]), torch.tensor([1, NUM_CLASSES - 1])
+    h = t.pos_embed(x)
+    for blk in t.transformer_blocks:  # zero gates: each block returns its input exactly
+        assert torch.equal(blk(h, timestep=ts, class_labels=y), h)
+    out = t(x, ts, class_labels=y).sample
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0
+    # the scales the paper asks for, against their own formulas
+    lin = t.transformer_blocks[0].attn1.to_q
+    bound = (6 / (lin.in_features + lin.out_features)) ** 0.5
+    assert lin.weight.abs().max() <= bound and lin.weight.abs().max() > 0.9 * bound and not lin.bias.any()
+    table = t.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.weight
+    assert abs(table.std().item() - 0.02) < 0.004
+    # diffusers' default initialisation is not the identity (so the option changes something) ...
+    torch.manual_seed(0)
+    default = build("shapes-dit")["transformer"]
+    assert torch.count_nonzero(default(x, ts, class_labels=y).sample) > 0
+    # ... and the zero final layer still gets a gradient, so training moves the output off zero
+    loss = (t(x, ts, class_labels=y).sample - 1).square().mean()
+    loss.backward()
+    assert t.proj_out_2.weight.grad.abs().sum() > 0
+
+
+def test_dit_initialisation_is_rejected_for_other_models_and_unknown_names():
+    from vision_eff.zoo.models import build
+
+    with pytest.raises(ValueError, match="is for the DiT"):
+        build("shapes-unet", init="dit")
+    with pytest.raises(ValueError, match="init must be one of"):
+        build("shapes-dit", init="xavier")

@@ -112,6 +112,9 @@ def _add_zoo(sub) -> None:
     t.add_argument("--shared-label-dropout", action="store_true",
                    help="shapes-dit: drop each sample's label once for every block (diffusers' DiT drops "
                         "it per block, so guidance's all-null input is almost never trained)")
+    t.add_argument("--dit-init", action="store_true",
+                   help="shapes-dit from scratch: the DiT paper's initialisation (zero adaLN modulation and "
+                        "final layer, so every block starts as the identity) instead of diffusers' default")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -180,12 +183,13 @@ def _zoo(args) -> int:
                 raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
                                  f"one (got {args.name} from {args.teacher})")
             kwargs["teacher"] = args.teacher
-        if args.repa or args.shared_label_dropout:
+        if args.repa or args.shared_label_dropout or args.dit_init:
             if kind != "dit":
-                raise UsageError(f"--repa / --shared-label-dropout are for shapes-dit, not {args.name}")
+                raise UsageError(f"--repa / --shared-label-dropout / --dit-init are for shapes-dit, not {args.name}")
             from .zoo.repa import DEFAULT_REPA
 
-            kwargs.update(repa=dict(DEFAULT_REPA) if args.repa else None, shared_label_dropout=args.shared_label_dropout or None)
+            kwargs.update(repa=dict(DEFAULT_REPA) if args.repa else None, shared_label_dropout=args.shared_label_dropout or None,
+                          init="dit" if args.dit_init else None)
         if kind in ("unet", "dit"):
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default

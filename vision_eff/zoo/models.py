@@ -86,6 +86,39 @@ DIT_CONFIG = dict(
     sample_size=32, patch_size=2, num_embeds_ada_norm=NUM_CLASSES, norm_num_groups=32,
 )
 
+
+@torch.no_grad()
+def init_dit_weights(transformer: nn.Module) -> nn.Module:
+    """The initialisation of the DiT paper (Peebles & Xie 2023, sec. 3.2) on a diffusers DiT, in place.
+
+    Diffusers builds ``DiTTransformer2DModel`` with PyTorch's default initialisation, which suits
+    loading pretrained weights but not training: its "adaLN-zero" blocks do not start as the identity.
+    Here every linear layer is Xavier-uniform with zero bias (the patch projection too, as a linear map
+    of the flattened patch); the label tables and the timestep MLPs are N(0, 0.02); and the modulation
+    layers that produce each block's shift, scale and gate, the final layer's modulation and the final
+    projection are zero, so every block starts as the identity and the model's first output is zero.
+    """
+    for m in transformer.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    proj = transformer.pos_embed.proj
+    nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))
+    nn.init.zeros_(proj.bias)
+    for block in transformer.transformer_blocks:
+        emb = block.norm1.emb
+        nn.init.normal_(emb.class_embedder.embedding_table.weight, std=0.02)
+        for lin in (emb.timestep_embedder.linear_1, emb.timestep_embedder.linear_2):
+            nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for lin in (transformer.proj_out_1, transformer.proj_out_2):
+        nn.init.zeros_(lin.weight)
+        nn.init.zeros_(lin.bias)
+    return transformer
+
+
 # The noise schedule both diffusion models are trained with (DDPM, linear betas for pixels).
 SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
@@ -148,13 +181,22 @@ def entry(name: str) -> ZooEntry:
     return ZOO[name]
 
 
-def build(name: str, class_embed: bool = True) -> dict[str, nn.Module]:
+DIT_INITS = ("diffusers", "dit")
+
+
+def build(name: str, class_embed: bool = True, init: str = "diffusers") -> dict[str, nn.Module]:
     """Fresh (untrained) modules of a zoo model, keyed by component name.
 
     ``class_embed=False`` builds the UNet without the label-in-timestep embedding (its early
     training stages); the embedding is zero-initialised, so adding it leaves the model unchanged.
+    ``init="dit"`` gives the DiT the DiT paper's initialisation (:func:`init_dit_weights`) instead of
+    diffusers' default one.
     """
     e = entry(name)
+    if init not in DIT_INITS:
+        raise ValueError(f"init must be one of {DIT_INITS}, got {init!r}")
+    if init != "diffusers" and e.kind != "dit":
+        raise ValueError(f"init={init!r} is for the DiT (shapes-dit), not {name!r}")
     if e.kind == "unet":
         from diffusers import UNet2DConditionModel
 
@@ -165,7 +207,8 @@ def build(name: str, class_embed: bool = True) -> dict[str, nn.Module]:
     if e.kind == "dit":
         from diffusers import DiTTransformer2DModel
 
-        return {"transformer": DiTTransformer2DModel(**DIT_CONFIG)}
+        transformer = DiTTransformer2DModel(**DIT_CONFIG)
+        return {"transformer": init_dit_weights(transformer) if init == "dit" else transformer}
     if e.kind == "vit":
         from ..vit.builtin import build_vit
 

@@ -185,7 +185,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
           progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
           prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
           keep_checkpoints: bool = False, repa: dict | None = None,
-          shared_label_dropout: bool | None = None) -> Path:
+          shared_label_dropout: bool | None = None, init: str | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -195,7 +195,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     diffusion model to distill from in the final stage (recorded in the recipe and the metadata).
     ``repa`` (DiT only) adds REPA representation alignment with the built-in ViT (options of
     :class:`~vision_eff.zoo.repa.RepaAlignment` and ``weight``); ``shared_label_dropout`` (DiT) drops
-    each sample's label once for every block, so guidance's all-null input is trained.
+    each sample's label once for every block, so guidance's all-null input is trained. ``init="dit"``
+    (DiT, from scratch) starts from the DiT paper's initialisation instead of diffusers' default.
     Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
     each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
@@ -204,7 +205,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
 
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout)
+                         teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
@@ -238,7 +239,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     accel = Accelerator(mixed_precision="bf16" if recipe.get("bf16") else "no")
     torch.manual_seed(recipe["seed"])
     class_embed = recipe.get("class_embed", True)
-    modules = build(name, class_embed=class_embed) if e.kind == "unet" else build(name)
+    modules = build(name, class_embed=class_embed) if e.kind == "unet" else build(name, init=recipe.get("init", "diffusers"))
     if init_from is not None:
         from safetensors import safe_open
 
