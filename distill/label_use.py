@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(
             f"# How much each built-in diffusion model uses its class label\n\n"
             f"Made by {provenance(command_line('python distill/label_use.py', argv))}.\n\n"
-            f"{args.images} held-out images (32x32, class-balanced split), noised to each timestep with the same noise "
+            f"{args.images} held-out images (32x32), noised to each timestep with the same noise "
             f"for every model; the model's x0 estimate scored with the true label, a random other class and the null "
             f"(guidance) label. `wrong / true` near 1 means the model ignores its label.\n\n{table}\n")
         print(f"wrote {args.out}")
