@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from vision_eff import cli
+from vision_eff.zoo.weights import weights_path
 
 
 def run_cli(*args):
@@ -28,6 +29,8 @@ def run_cli(*args):
     (["zoo", "train", "shapes-unet", "--repa"], "are for shapes-dit, not shapes-unet"),
     (["zoo", "train", "shapes-vit", "--shared-label-dropout"], "are for shapes-dit, not shapes-vit"),
     (["zoo", "train", "shapes-unet", "--dit-init"], "are for shapes-dit, not shapes-unet"),
+    (["zoo", "train", "shapes-dit", "--dit-init", "--init-from", str(weights_path("shapes-dit"))],
+     "--dit-init initialises a model trained from scratch"),
     (["zoo", "train", "shapes-dit", "--save-every", "0"], "--save-every must be >= 1"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):

@@ -10,8 +10,8 @@ from vision_eff.zoo import weights
 from vision_eff.zoo.models import NUM_CLASSES, SCHEDULE_CONFIG
 
 
-def _tiny_entry(monkeypatch, **train_kw):
-    base = zoo.ZOO["shapes-unet"]
+def _tiny_entry(monkeypatch, name="shapes-unet", **train_kw):
+    base = zoo.ZOO[name]
     e = dataclasses.replace(base, train=dict(base.train, **train_kw))
     monkeypatch.setattr(train_mod, "entry", lambda name: e)
     return e
@@ -223,3 +223,15 @@ def test_dit_initialisation_is_rejected_for_other_models_and_unknown_names():
         build("shapes-unet", init="dit")
     with pytest.raises(ValueError, match="init must be one of"):
         build("shapes-dit", init="xavier")
+
+
+def test_dit_initialisation_goes_to_the_first_stage_of_a_staged_recipe_and_not_with_init_from(tmp_path, monkeypatch):
+    _tiny_entry(monkeypatch, "shapes-dit", steps=1, batch_size=2, bf16=False,
+                pretrain=[dict(steps=1, lr=1e-4, loss="mse")])
+    out = train_mod.train("shapes-dit", out=tmp_path / "d.safetensors", progress=False, save_every=0, init="dit")
+    stage0 = weights.read_metadata(tmp_path / "d-stage0.safetensors")
+    assert stage0["recipe"]["init"] == "dit" and stage0["init_from"] is None
+    assert weights.read_metadata(out)["init_from"] == "d-stage0.safetensors"
+    with pytest.raises(ValueError, match="trained from scratch"):
+        train_mod.train("shapes-dit", steps=1, init_from=out, out=tmp_path / "e.safetensors", progress=False,
+                        init="dit")

@@ -201,6 +201,9 @@ def _zoo(args) -> int:
                 raise UsageError(f"--init-from: no weights file at {args.init_from}")
             if kind in ("vit", "vit-mixer", "classifier"):
                 raise UsageError(f"--init-from is for the diffusion models, not {args.name}")
+            if args.dit_init:
+                raise UsageError("--dit-init initialises a model trained from scratch; with --init-from the "
+                                 "weights replace it: drop one of the two")
             kwargs["init_from"] = args.init_from
         if kind == "vit":  # the ViT classifier has its own training loop
             from .vit.builtin import train_vit

@@ -207,6 +207,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
+    if init not in (None, "diffusers") and init_from is not None:
+        raise ValueError(f"init={init!r} initialises a model trained from scratch; with init_from the weights replace it")
     out = Path(out) if out is not None else weights_path(name)
     pre = recipe.pop("pretrain", None)
     pre = [pre] if isinstance(pre, dict) else pre
@@ -217,8 +219,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     if pre and init_from is None and prediction_type is None and steps is None:
         for i, st in enumerate(pre):
             path = out.with_name(f"{out.stem}-stage{i}.safetensors")
+            # the first stage starts from scratch, so it takes the initialisation; later ones load weights
             train(name, seed=recipe["seed"], out=path, save_every=save_every, progress=progress,
-                  threads=threads, init_from=init_from, stage=st)
+                  threads=threads, init_from=init_from, stage=st, init=recipe.get("init") if i == 0 else None)
             init_from = path
     history: list[dict] = []
     if init_from is not None:
