@@ -226,7 +226,7 @@ def test_dit_initialisation_is_rejected_for_other_models_and_unknown_names():
 
 
 def test_dit_initialisation_goes_to_the_first_stage_of_a_staged_recipe_and_not_with_init_from(tmp_path, monkeypatch):
-    _tiny_entry(monkeypatch, "shapes-dit", steps=1, batch_size=2, bf16=False,
+    _tiny_entry(monkeypatch, "shapes-dit", steps=1, batch_size=2,
                 pretrain=[dict(steps=1, lr=1e-4, loss="mse")])
     out = train_mod.train("shapes-dit", out=tmp_path / "d.safetensors", progress=False, save_every=0, init="dit")
     stage0 = weights.read_metadata(tmp_path / "d-stage0.safetensors")
