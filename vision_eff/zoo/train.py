@@ -242,7 +242,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     accel = Accelerator(mixed_precision="bf16" if recipe.get("bf16") else "no")
     torch.manual_seed(recipe["seed"])
     class_embed = recipe.get("class_embed", True)
-    modules = build(name, class_embed=class_embed) if e.kind == "unet" else build(name, init=recipe.get("init", "diffusers"))
+    # a stage that loads weights would only overwrite the initialisation: it is built plain
+    init = recipe.get("init", "diffusers") if init_from is None else "diffusers"
+    modules = build(name, class_embed=class_embed) if e.kind == "unet" else build(name, init=init)
     if init_from is not None:
         from safetensors import safe_open
 
