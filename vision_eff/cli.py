@@ -54,13 +54,13 @@ def _positive_int(name: str):
 
 
 def _add_generate(sub) -> None:
-    from .zoo import ZOO
+    from .zoo import ZOO, diffusion_models
 
     p = sub.add_parser("generate", help="the main job: generate a labelled grid and compare with diffusers' default",
                        description="Generate a class-labelled grid with a built-in model using the fastest "
                                    "configuration vision-eff has, write it into gallery/, and print wall time, FD "
                                    "and class accuracy beside diffusers' default (50-step DPM-Solver++, same noise).")
-    diffusion = [n for n, e in ZOO.items() if e.kind in ("unet", "dit")]
+    diffusion = diffusion_models()
     p.add_argument("--model", default="shapes-unet", choices=diffusion, help="built-in model (default: shapes-unet)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=None,
                    help="sampler steps for the fast configuration (default: the preset's)")
@@ -79,7 +79,7 @@ def _add_generate(sub) -> None:
 
 
 def _add_zoo(sub) -> None:
-    from .zoo import ZOO
+    from .zoo import ZOO, diffusion_models
 
     p = sub.add_parser("zoo", help="list, train or evaluate the built-in models",
                        description="The built-in models: list them, retrain them from scratch, or evaluate them.")
@@ -103,7 +103,7 @@ def _add_zoo(sub) -> None:
                    help="write the weights so far every N steps (diffusion models; default: 250)")
     t.add_argument("--keep-checkpoints", action="store_true",
                    help="also keep each of those as OUT.stepN.safetensors (diffusion models)")
-    t.add_argument("--teacher", default=None, choices=[n for n, z in ZOO.items() if z.kind in ("unet", "dit")],
+    t.add_argument("--teacher", default=None, choices=diffusion_models(),
                    help="distill from this trained built-in diffusion model: its prediction at each noisy "
                         "sample replaces the noisy regression target (labels are dropped for both alike)")
     t.add_argument("--repa", action="store_true",
@@ -160,7 +160,7 @@ def _bench(args) -> int:
 
 
 def _zoo(args) -> int:
-    from .zoo import ZOO, model_info
+    from .zoo import DIFFUSION_KINDS, ZOO, model_info
 
     if args.zoo_cmd == "list":
         for name, e in ZOO.items():
@@ -179,7 +179,7 @@ def _zoo(args) -> int:
         kwargs = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
                       threads=args.threads)
         if args.teacher is not None:
-            if kind not in ("unet", "dit") or args.teacher == args.name:
+            if kind not in DIFFUSION_KINDS or args.teacher == args.name:
                 raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
                                  f"one (got {args.name} from {args.teacher})")
             kwargs["teacher"] = args.teacher
@@ -190,7 +190,7 @@ def _zoo(args) -> int:
 
             kwargs.update(repa=dict(DEFAULT_REPA) if args.repa else None, shared_label_dropout=args.shared_label_dropout or None,
                           init="dit" if args.dit_init else None)
-        if kind in ("unet", "dit"):
+        if kind in DIFFUSION_KINDS:
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default
                 kwargs["save_every"] = args.save_every

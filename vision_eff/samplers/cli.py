@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from ..zoo import ZOO
+from ..zoo import ZOO, diffusion_models
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     o = sub.add_parser("optimize", help="optimize the step schedule of a built-in model for given NFEs",
                        description="Find the N call sigmas that best match a high-NFE trajectory on a few noise "
                                    "samples and write a schedule file for PCMultistepScheduler(schedule=FILE).")
-    diffusion = [n for n, e in ZOO.items() if e.kind in ("unet", "dit")]
+    diffusion = diffusion_models()
     o.add_argument("model", choices=diffusion + ["oracle"], help="built-in model, or 'oracle' (the Gaussian mixture)")
     o.add_argument("--nfe", type=int, nargs="+", default=[4, 5, 6, 8, 10], help="model calls to optimize for")
     o.add_argument("--out", required=True, help="schedule file to write (JSON)")

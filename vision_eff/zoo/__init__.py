@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from .data import CLASSES, NUM_CLASSES, ShapesDataset
-from .models import SCHEDULE_CONFIG, ZOO, ZooEntry, build, entry
+from .models import DIFFUSION_KINDS, SCHEDULE_CONFIG, ZOO, ZooEntry, build, diffusion_models, entry
 from .weights import WeightsError, load_into, read_metadata, weights_path
 
-__all__ = ["CLASSES", "NUM_CLASSES", "ShapesDataset", "ZOO", "ZooEntry", "WeightsError", "load_model",
+__all__ = ["CLASSES", "DIFFUSION_KINDS", "NUM_CLASSES", "ShapesDataset", "ZOO", "ZooEntry", "diffusion_models", "WeightsError", "load_model",
            "load_pipeline", "default_scheduler", "model_info", "SCHEDULE_CONFIG"]
 
 
@@ -54,22 +54,25 @@ def default_scheduler(name: str):
 
 def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   weights: str | Path | None = None):
-    """A diffusers pipeline for a built-in diffusion model (``shapes-unet`` or ``shapes-dit``).
+    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``).
 
     ``scheduler`` defaults to diffusers' DPM-Solver++ multistep; any diffusers scheduler built with
     ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards. ``weights``: as in
     :func:`load_model`.
     """
-    from .pipeline import ShapesDiTPipeline, ShapesUNetPipeline
+    from .pipeline import ShapesDiTPipeline, ShapesPixArtPipeline, ShapesUNetPipeline
 
     e = entry(name)
-    if e.kind not in ("unet", "dit"):
+    if e.kind not in DIFFUSION_KINDS:
         raise ValueError(f"{name!r} is a {e.kind}, not a diffusion model; pipelines exist for "
-                         f"{', '.join(n for n, z in ZOO.items() if z.kind in ('unet', 'dit'))}")
+                         f"{', '.join(diffusion_models())}")
     modules = load_model(name, device=device, dtype=dtype, weights=weights)
     scheduler = scheduler if scheduler is not None else default_scheduler(name)
     if e.kind == "unet":
         pipe = ShapesUNetPipeline(unet=modules["unet"], label_encoder=modules["label_encoder"], scheduler=scheduler)
+    elif e.kind == "pixart":
+        pipe = ShapesPixArtPipeline(transformer=modules["transformer"], label_encoder=modules["label_encoder"],
+                                    scheduler=scheduler)
     else:
         pipe = ShapesDiTPipeline(transformer=modules["transformer"], scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)

@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from ..gallery import GALLERY, image_grid, markdown_table, provenance, update_section
-from . import ZOO, model_info
+from . import ZOO, diffusion_models, model_info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vision-eff bench zoo", description=__doc__.split("\n\n")[1])
     p.add_argument("--samples", type=int, default=256, help="generated images per model (class-balanced)")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="guidance scales to evaluate")
-    p.add_argument("--models", nargs="+", default=[n for n, e in ZOO.items() if e.kind in ("unet", "dit")],
-                   choices=[n for n, e in ZOO.items() if e.kind in ("unet", "dit")])
+    p.add_argument("--models", nargs="+", default=diffusion_models(),
+                   choices=diffusion_models())
     p.add_argument("--seed", type=int, default=1, help="noise seed (the demo uses 0)")
     p.add_argument("--no-gallery", action="store_true")
     args = p.parse_args(argv)

@@ -119,14 +119,22 @@ def init_dit_weights(transformer: nn.Module) -> nn.Module:
     return transformer
 
 
-# The noise schedule both diffusion models are trained with (DDPM, linear betas for pixels).
+# PixArt-alpha in miniature: adaLN-single timestep modulation shared by all blocks, and the label reaching
+# every block through cross-attention on label tokens (as the UNet's does), not through adaLN alone.
+PIXART_CONFIG = dict(
+    num_attention_heads=4, attention_head_dim=32, in_channels=3, out_channels=3, num_layers=6,
+    sample_size=32, patch_size=2, cross_attention_dim=128, caption_channels=64, norm_type="ada_norm_single",
+    use_additional_conditions=False, interpolation_scale=1,
+)
+
+# The noise schedule the diffusion models are trained with (DDPM, linear betas for pixels).
 SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
 
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str  # "unet" | "dit" | "vit" | "vit-mixer" | "classifier"
+    kind: str  # "unet" | "dit" | "pixart" | "vit" | "vit-mixer" | "classifier"
     description: str
     prediction_type: str | None = None
     train: dict = field(default_factory=dict)  # default training recipe
@@ -155,6 +163,14 @@ ZOO: dict[str, ZooEntry] = {
                    loss="min_snr5",
                    pretrain=[dict(steps=2000, lr=1e-3, loss="mse")]),
     ),
+    "shapes-pixart": ZooEntry(
+        "shapes-pixart", "pixart",
+        "class-conditional PixArtTransformer2DModel (patch 2, 256 tokens, adaLN-single, cross-attention on "
+        "label tokens), 32x32 RGB, v prediction",
+        prediction_type="v_prediction",
+        train=dict(steps=3600, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
+                   loss="min_snr5"),
+    ),
     "shapes-vit": ZooEntry(
         "shapes-vit", "vit",
         "timm VisionTransformer classifier for token merging: 64x64 input, stride-4 conv stem (256 patch tokens "
@@ -173,6 +189,14 @@ ZOO: dict[str, ZooEntry] = {
         train=dict(steps=2000, batch_size=64, lr=2e-3, seed=0),
     ),
 }
+
+
+DIFFUSION_KINDS = ("unet", "dit", "pixart")
+
+
+def diffusion_models() -> list[str]:
+    """The names of the built-in diffusion models (those with a pipeline)."""
+    return [n for n, e in ZOO.items() if e.kind in DIFFUSION_KINDS]
 
 
 def entry(name: str) -> ZooEntry:
@@ -204,6 +228,11 @@ def build(name: str, class_embed: bool = True, init: str = "diffusers") -> dict[
         if class_embed:
             nn.init.zeros_(unet.class_embedding.weight)
         return {"unet": unet, "label_encoder": LabelEncoder(dim=UNET_CONFIG["cross_attention_dim"])}
+    if e.kind == "pixart":
+        from diffusers import PixArtTransformer2DModel
+
+        return {"transformer": PixArtTransformer2DModel(**PIXART_CONFIG),
+                "label_encoder": LabelEncoder(dim=PIXART_CONFIG["caption_channels"])}
     if e.kind == "dit":
         from diffusers import DiTTransformer2DModel
 

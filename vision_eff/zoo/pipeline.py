@@ -1,8 +1,10 @@
 """Diffusers pipelines for the built-in class-conditional pixel-space models.
 
 ``ShapesUNetPipeline`` (``pipe.unet`` + ``pipe.label_encoder``, cross-attention on label
-tokens, like Stable Diffusion's text conditioning) and ``ShapesDiTPipeline``
-(``pipe.transformer`` with adaLN label conditioning, like diffusers' DiT). Both run any
+tokens, like Stable Diffusion's text conditioning), ``ShapesDiTPipeline``
+(``pipe.transformer`` with adaLN label conditioning, like diffusers' DiT) and
+``ShapesPixArtPipeline`` (``pipe.transformer`` + ``pipe.label_encoder``: adaLN-single for the
+timestep, cross-attention on label tokens, like PixArt-alpha's text conditioning). All run any
 diffusers scheduler: the loop only uses ``set_timesteps``, ``scale_model_input``,
 ``init_noise_sigma`` and ``step``. Classifier-free guidance runs the unconditional and the
 conditional halves in one batch, unconditional first (the Stable Diffusion convention that
@@ -163,3 +165,21 @@ class ShapesDiTPipeline(_ShapesPipeline):
 
     def _denoise(self, x, t, labels):
         return self.transformer(x, t, class_labels=labels).sample
+
+
+class ShapesPixArtPipeline(_ShapesPipeline):
+    """PixArt-alpha in miniature: a PixArtTransformer2DModel (patch 2) cross-attending to label tokens."""
+
+    model_cpu_offload_seq = "label_encoder->transformer"
+
+    def __init__(self, transformer, label_encoder, scheduler):
+        super().__init__()
+        self.register_modules(transformer=transformer, label_encoder=label_encoder, scheduler=scheduler)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def _denoise(self, x, t, labels):
+        ctx = self.label_encoder(labels).to(x.dtype)
+        return self.transformer(x, encoder_hidden_states=ctx, timestep=t).sample

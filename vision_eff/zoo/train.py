@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import data
-from .models import NUM_CLASSES, SCHEDULE_CONFIG, build, entry
+from .models import DIFFUSION_KINDS, NUM_CLASSES, SCHEDULE_CONFIG, build, entry
 from .weights import save, weights_path
 
 
@@ -92,8 +92,8 @@ class _Objective(nn.Module):
         # Diffusers' DiT has one label embedding per block, each dropping labels on its own, so the
         # all-null input that guidance asks for is almost never trained. With a teacher (which must see
         # the same dropped labels) or ``shared_label_dropout`` the labels are dropped once here instead.
-        self.shared_drop = self.entry.kind == "unet" or (self.entry.kind == "dit" and (teacher is not None
-                                                                                    or shared_label_dropout))
+        self.shared_drop = self.entry.kind in ("unet", "pixart") or (
+            self.entry.kind == "dit" and (teacher is not None or shared_label_dropout))
         if self.shared_drop and self.entry.kind == "dit":
             for m in modules["transformer"].modules():
                 if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
@@ -128,6 +128,9 @@ class _Objective(nn.Module):
             ctx = self.parts["label_encoder"](labels)
             cls = labels if self.parts["unet"].config.num_class_embeds else None
             out = self.parts["unet"](xt, t, encoder_hidden_states=ctx, class_labels=cls).sample
+        elif e.kind == "pixart":
+            ctx = self.parts["label_encoder"](labels)
+            out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t).sample
         else:  # without a teacher, the DiT's own label embeddings drop labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
         if self.teacher is not None:  # distillation: the teacher's prediction replaces the noisy target
@@ -328,7 +331,7 @@ def checkpoint_path(out: str | Path, step: int) -> Path:
 
 
 def _check_teacher(teacher: str | None, name: str) -> None:
-    if teacher is not None and (teacher == name or entry(teacher).kind not in ("unet", "dit")):
+    if teacher is not None and (teacher == name or entry(teacher).kind not in DIFFUSION_KINDS):
         raise ValueError(f"teacher must be another built-in diffusion model than {name!r}, got {teacher!r}")
 
 
