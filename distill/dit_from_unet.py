@@ -1,8 +1,9 @@
 """Study: the built-in DiT distilled from the built-in UNet (or trained further with REPA), quality against steps.
 
 Evaluates weights files of ``shapes-dit`` (checkpoints that ``vision-eff zoo train shapes-dit
---teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``) beside
-the packaged DiT and the teacher, in one run, with the evaluator the zoo's quality bar uses:
+--teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``), or of
+``shapes-pixart`` with ``--model shapes-pixart`` (``recipes/shapes-pixart.sh``), beside the packaged
+DiT (and the packaged PixArt once there is one) and the teacher, in one run, with the evaluator the zoo's quality bar uses:
 diffusers' default 50-step DPM-Solver++, classifier-free guidance, class-balanced labels, the
 same noise for every row; class accuracy and FD against the held-out split, and the real-vs-real
 FD floor at the same sample count.
@@ -17,6 +18,8 @@ import sys
 from pathlib import Path
 
 import torch
+
+TRANSFORMERS = ("shapes-dit", "shapes-pixart")
 
 
 def _steps(meta: dict) -> tuple[int, int, int, float]:
@@ -51,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     from vision_eff.zoo.weights import read_metadata, weights_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="shapes-dit weights files")
+    p.add_argument("--model", default="shapes-dit", choices=TRANSFORMERS, help="the model the checkpoints are of")
+    p.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="weights files of --model")
     p.add_argument("--samples", type=int, default=64, help="generated images per row (class-balanced)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1, help="noise seed (as `vision-eff bench zoo`)")
@@ -75,33 +79,40 @@ def main(argv: list[str] | None = None) -> int:
     floor = ev.fd_floor(args.samples)
     runs = [("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
             ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
-    runs += [(str(c), "shapes-dit", c, read_metadata(c)) for c in args.checkpoints]  # in the order given
+    if args.model != "shapes-dit" and weights_path(args.model).exists():
+        runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
+    runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
     rows, panels = [], []
     per = min(8, args.samples // 8)  # images per class in the gallery grids
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)
         imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
-        plain, kd, repa, train_s = _steps(meta) if name == "shapes-dit" else ("", "", "", None)  # the teacher's: README
+        student = name != "shapes-unet"
+        plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
-        rows.append({"weights": label, "start": _start(meta) if name == "shapes-dit" else "",
+        rows.append({"weights": label, "start": _start(meta) if name == "shapes-dit" else "",  # (DiT options)
                      "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                      "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)
-        caption = ("teacher (UNet)" if name == "shapes-unet" else "DiT (packaged)" if path is None
-                   else f"DiT, {kd} KD steps ({path.parent.name})")
+        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt"}[name]
+        caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
+                   else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
         panels.append((f"{caption}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))
     table = markdown_table(rows, list(rows[0]))
     print(table)
     made_by = provenance(command_line("python distill/dit_from_unet.py", argv))
     if args.gallery:  # teacher, packaged DiT, then the last checkpoint of each run (folder)
-        last = {Path(what).parent: k for k, (what, *_rest) in enumerate(runs) if k >= 2}
-        shown = panels[:2] + [panels[k] for k in last.values()]
-        labelled_panels(shown, per, scale=2).save(GALLERY / "distill-shapes-dit.png")
-        update_section("distill-shapes-dit", f"## The DiT distilled from the UNet\n\n"
-                       f"![distillation](distill-shapes-dit.png)  \nOne row per class (circle, square, triangle, star, "
+        packaged = [k for k, (_w, _n, path, _m) in enumerate(runs) if path is None]
+        last = {Path(what).parent: k for k, (what, _n, path, _m) in enumerate(runs) if path is not None}
+        shown = [panels[k] for k in packaged] + [panels[k] for k in last.values()]
+        image = f"distill-{args.model}.png"
+        labelled_panels(shown, per, scale=2).save(GALLERY / image)
+        table_at = f" Table: `{args.out}`." if args.out is not None else ""
+        update_section(f"distill-{args.model}", f"## {args.title}\n\n"
+                       f"![{args.model}]({image})  \nOne row per class (circle, square, triangle, star, "
                        f"ring, cross, crescent, heart); class accuracy over all {args.samples} images in each caption. "
-                       f"Made by {made_by}. Table: `distill/results/shapes-dit-from-unet.md`.\n")
+                       f"Made by {made_by}.{table_at}\n")
     if args.out is not None:
         text = (f"# {args.title}\n\n"
                 f"Made by {made_by}.\n\n"
@@ -109,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.guidance}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "
                 f"class for the label asked for; FD: evaluator features against the held-out split; FD floor: real "
                 f"images against the same split at the same n. Steps and minutes count every stage in the weights' "
-                f"history (batch 32). Packaged weights: {weights_path('shapes-dit').name} as committed.\n\n"
+                f"history (batch 32). Packaged weights: as committed.\n\n"
                 f"{table}\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)

@@ -42,9 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     from vision_eff.gallery import command_line, markdown_table, provenance
     from vision_eff.zoo import data, load_pipeline
     from vision_eff.zoo.models import NUM_CLASSES, SCHEDULE_CONFIG
+    from vision_eff.zoo.weights import weights_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--weights", nargs="*", type=Path, default=[], help="further shapes-dit weights files")
+    p.add_argument("--model", default="shapes-dit", choices=("shapes-dit", "shapes-pixart"),
+                   help="the model the --weights files are of")
+    p.add_argument("--weights", nargs="*", type=Path, default=[], help="further weights files of --model")
     p.add_argument("--images", type=int, default=256, help="held-out images")
     p.add_argument("--timesteps", type=int, nargs="+", default=[100, 200, 350, 500, 800])
     p.add_argument("--threads", type=int, default=None)
@@ -65,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     alphas = DDPMScheduler(**SCHEDULE_CONFIG).alphas_cumprod.float()
     rows = []
     models = [("shapes-unet (packaged)", "shapes-unet", None), ("shapes-dit (packaged)", "shapes-dit", None)]
-    models += [(f"`{w.parent.name}/{w.name}`", "shapes-dit", w) for w in args.weights]
+    if args.model != "shapes-dit" and weights_path(args.model).exists():
+        models.append((f"{args.model} (packaged)", args.model, None))
+    models += [(f"`{w.parent.name}/{w.name}`", args.model, w) for w in args.weights]
     for what, name, path in models:
         pipe = load_pipeline(name, weights=path)
         for t in args.timesteps:

@@ -111,3 +111,41 @@ def test_a_pipeline_loads_weights_other_than_the_packaged_ones(tmp_path):
     assert not all(torch.equal(got[k], v) for k, v in packaged.transformer.named_parameters())
     with pytest.raises(weights.WeightsError, match="holds weights for 'shapes-dit'"):
         zoo.load_pipeline("shapes-unet", weights=path)
+
+
+def test_pixart_trains_and_its_label_reaches_the_output_through_cross_attention(tmp_path):
+    from vision_eff.zoo.pipeline import ShapesPixArtPipeline
+    from vision_eff.zoo.train import train
+
+    out = train("shapes-pixart", steps=2, batch_size=4, out=tmp_path / "p.safetensors", progress=False)
+    meta = weights.read_metadata(out)
+    assert meta["model"] == "shapes-pixart" and meta["kind"] == "pixart" and meta["steps_done"] == 2
+    pipe = zoo.load_pipeline("shapes-pixart", weights=out)
+    assert isinstance(pipe, ShapesPixArtPipeline) and type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
+    torch.manual_seed(0)  # weights away from the (near-zero) start, so the label's effect is visible
+    for p in pipe.transformer.parameters():
+        p.data.normal_(0, 0.05)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
+    a, b = pipe._denoise(x, t, torch.tensor([0, 0])), pipe._denoise(x, t, torch.tensor([3, 3]))
+    ctx = pipe.label_encoder(torch.tensor([3, 3]))
+    direct = pipe.transformer(x, encoder_hidden_states=ctx, timestep=t).sample
+    assert torch.equal(b, direct) and (a - b).abs().max() > 1e-3  # the label tokens are the cross-attention context
+    for cls in (DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        img = pipe(class_labels=[1, 5], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                   output_type="pt").images
+        assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_pixart_training_drops_labels_to_the_null_token():
+    from vision_eff.zoo.train import _Objective
+
+    obj = _Objective("shapes-pixart", zoo.build("shapes-pixart"), label_dropout=1.0)
+    seen = []
+    obj.parts["label_encoder"].register_forward_hook(lambda m, args, out: seen.append(args[0].clone()))
+    x0 = torch.zeros(3, 3, 32, 32)
+    loss = obj(x0, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and torch.equal(seen[0], torch.full((3,), zoo.NUM_CLASSES))
+    obj.label_dropout = 0.0
+    obj(x0, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    assert torch.equal(seen[1], torch.tensor([0, 1, 2]))
