@@ -32,6 +32,9 @@ def run_cli(*args):
     (["zoo", "train", "shapes-dit", "--dit-init", "--init-from", str(weights_path("shapes-dit"))],
      "--dit-init initialises a model trained from scratch"),
     (["zoo", "train", "shapes-dit", "--save-every", "0"], "--save-every must be >= 1"),
+    (["zoo", "train", "shapes-pixart", "--loss", "snr"], "loss must be 'mse' or 'min_snrG'"),
+    (["zoo", "train", "shapes-classifier", "--loss", "mse"], "--loss is for the diffusion models"),
+    (["zoo", "train", "shapes-pixart", "--repa"], "are for shapes-dit, not shapes-pixart"),
 ])
 def test_bad_input_one_line_exit_2(args, needle):
     r = run_cli(*args)

@@ -235,3 +235,15 @@ def test_dit_initialisation_goes_to_the_first_stage_of_a_staged_recipe_and_not_w
     with pytest.raises(ValueError, match="trained from scratch"):
         train_mod.train("shapes-dit", steps=1, init_from=out, out=tmp_path / "e.safetensors", progress=False,
                         init="dit")
+
+
+def test_a_loss_override_reaches_the_final_stage_only_and_a_bad_one_stops_before_any_stage(tmp_path, monkeypatch):
+    _tiny_entry(monkeypatch, "shapes-dit", steps=1, batch_size=2, loss="min_snr5",
+                pretrain=[dict(steps=1, lr=1e-4, loss="min_snr2")])
+    out = train_mod.train("shapes-dit", out=tmp_path / "d.safetensors", progress=False, save_every=0, loss="mse")
+    assert weights.read_metadata(tmp_path / "d-stage0.safetensors")["recipe"]["loss"] == "min_snr2"
+    assert weights.read_metadata(out)["recipe"]["loss"] == "mse"
+    with pytest.raises(ValueError, match="loss must be 'mse' or 'min_snrG'"):
+        train_mod.train("shapes-dit", out=tmp_path / "e.safetensors", progress=False, save_every=0, loss="snr")
+    assert not (tmp_path / "e-stage0.safetensors").exists()
+    assert train_mod.min_snr_gamma("min_snr2.5") == 2.5 and train_mod.min_snr_gamma("mse") is None

@@ -115,6 +115,10 @@ def _add_zoo(sub) -> None:
     t.add_argument("--dit-init", action="store_true",
                    help="shapes-dit from scratch: the DiT paper's initialisation (zero adaLN modulation and "
                         "final layer, so every block starts as the identity) instead of diffusers' default")
+    t.add_argument("--loss", default=None, metavar="LOSS",
+                   help="diffusion models: 'mse' (plain regression on the prediction type) or 'min_snrG' "
+                        "(Min-SNR-gamma weighting, e.g. min_snr5; it gives the noisiest timesteps almost no "
+                        "weight); default: the recipe's")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -190,6 +194,10 @@ def _zoo(args) -> int:
 
             kwargs.update(repa=dict(DEFAULT_REPA) if args.repa else None, shared_label_dropout=args.shared_label_dropout or None,
                           init="dit" if args.dit_init else None)
+        if args.loss is not None:
+            if kind not in DIFFUSION_KINDS:
+                raise UsageError(f"--loss is for the diffusion models, not {args.name}")
+            kwargs["loss"] = args.loss  # checked by the training objective (a ValueError: one line, exit 2)
         if kind in DIFFUSION_KINDS:
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default

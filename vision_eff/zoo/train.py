@@ -78,11 +78,9 @@ class _Objective(nn.Module):
                  prediction_type: str | None = None, loss: str = "mse", teacher=None,
                  shared_label_dropout: bool = False, repa: dict | None = None):
         super().__init__()
-        if loss != "mse" and not (loss.startswith("min_snr") and loss[7:].replace(".", "", 1).isdigit()):
-            raise ValueError(f"loss must be 'mse' or 'min_snrG' (e.g. 'min_snr5'), got {loss!r}")
         # Min-SNR-gamma weighting (Hang et al. 2023): the per-timestep weight of the x0 error is
         # min(SNR, gamma); expressed for the eps / v targets below.
-        self.min_snr = float(loss[7:]) if loss != "mse" else None
+        self.min_snr = min_snr_gamma(loss)
         self.entry = entry(name)
         self.prediction_type = prediction_type or self.entry.prediction_type
         self.parts = nn.ModuleDict(modules)
@@ -152,6 +150,14 @@ class _Objective(nn.Module):
         return loss
 
 
+def min_snr_gamma(loss: str) -> float | None:
+    """The gamma of a ``"min_snrG"`` loss name, None for ``"mse"``; a ValueError for anything else."""
+    if loss != "mse" and not (isinstance(loss, str) and loss.startswith("min_snr")
+                              and loss[7:].replace(".", "", 1).isdigit()):
+        raise ValueError(f"loss must be 'mse' or 'min_snrG' (e.g. 'min_snr5'), got {loss!r}")
+    return float(loss[7:]) if loss != "mse" else None
+
+
 def convert_prediction(pred: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor, source: str,
                        target: str) -> torch.Tensor:
     """A denoiser output of one prediction type ("epsilon", "v_prediction", "sample") as another,
@@ -188,7 +194,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
           progress: bool = True, threads: int | None = None, init_from: str | Path | None = None,
           prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
           keep_checkpoints: bool = False, repa: dict | None = None,
-          shared_label_dropout: bool | None = None, init: str | None = None) -> Path:
+          shared_label_dropout: bool | None = None, init: str | None = None, loss: str | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -199,7 +205,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     ``repa`` (DiT only) adds REPA representation alignment with the built-in ViT (options of
     :class:`~vision_eff.zoo.repa.RepaAlignment` and ``weight``); ``shared_label_dropout`` (DiT) drops
     each sample's label once for every block, so guidance's all-null input is trained. ``init="dit"``
-    (DiT, from scratch) starts from the DiT paper's initialisation instead of diffusers' default.
+    (DiT, from scratch) starts from the DiT paper's initialisation instead of diffusers' default. ``loss``
+    ("mse" or "min_snrG") replaces the recipe's loss in the final stage.
     Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
     each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
@@ -208,8 +215,11 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
 
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                         teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init)
+                         teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init,
+                         loss=loss)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
+    if loss is not None:
+        min_snr_gamma(loss)
     if init not in (None, "diffusers") and init_from is not None:
         raise ValueError(f"init={init!r} initialises a model trained from scratch; with init_from the weights replace it")
     out = Path(out) if out is not None else weights_path(name)
