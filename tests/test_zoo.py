@@ -7,13 +7,15 @@ from vision_eff.zoo import weights
 from vision_eff.zoo.pipeline import ShapesUNetPipeline
 
 
-@pytest.fixture(scope="module", params=["shapes-unet", "shapes-dit"])
+@pytest.fixture(scope="module", params=zoo.diffusion_models())
 def pipe(request):
-    return zoo.load_pipeline(request.param)
+    p = zoo.load_pipeline(request.param)
+    p.zoo_name = request.param  # for the tests' own bookkeeping
+    return p
 
 
 def test_weights_record_their_training(pipe):
-    name = "shapes-unet" if hasattr(pipe, "unet") else "shapes-dit"
+    name = pipe.zoo_name
     info = zoo.model_info(name)
     assert info["model"] == name and info["steps_done"] >= 1
     assert {"seed", "steps", "batch_size"} <= set(info["recipe"])
