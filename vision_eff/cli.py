@@ -197,7 +197,7 @@ def _zoo(args) -> int:
         if args.loss is not None:
             if kind not in DIFFUSION_KINDS:
                 raise UsageError(f"--loss is for the diffusion models, not {args.name}")
-            kwargs["loss"] = args.loss  # checked by the training objective (a ValueError: one line, exit 2)
+            kwargs["loss"] = args.loss  # train() checks it before any stage runs (a ValueError: one line, exit 2)
         if kind in DIFFUSION_KINDS:
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default
