@@ -54,6 +54,10 @@ class _ShapesPipeline(DiffusionPipeline):
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _label_tokens(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The cross-attention context of the label-token models (UNet, PixArt)."""
+        return self.label_encoder(labels).to(dtype)
+
     def _step_kwargs(self, generator) -> dict[str, Any]:
         params = inspect.signature(self.scheduler.step).parameters
         return {"generator": generator} if "generator" in params else {}
@@ -145,7 +149,7 @@ class ShapesUNetPipeline(_ShapesPipeline):
         return self.unet
 
     def _denoise(self, x, t, labels):
-        ctx = self.label_encoder(labels).to(x.dtype)
+        ctx = self._label_tokens(labels, x.dtype)
         class_labels = labels if self.unet.config.num_class_embeds else None
         return self.unet(x, t, encoder_hidden_states=ctx, class_labels=class_labels).sample
 
@@ -181,5 +185,4 @@ class ShapesPixArtPipeline(_ShapesPipeline):
         return self.transformer
 
     def _denoise(self, x, t, labels):
-        ctx = self.label_encoder(labels).to(x.dtype)
-        return self.transformer(x, encoder_hidden_states=ctx, timestep=t).sample
+        return self.transformer(x, encoder_hidden_states=self._label_tokens(labels, x.dtype), timestep=t).sample

@@ -122,12 +122,12 @@ class _Objective(nn.Module):
         if self.shared_drop:
             drop = (torch.rand(b, generator=gen) < self.label_dropout).to(x0.device)
             labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
+        # the cross-attending models (UNet, PixArt) read the label as tokens
+        ctx = self.parts["label_encoder"](labels) if "label_encoder" in self.parts else None
         if e.kind == "unet":
-            ctx = self.parts["label_encoder"](labels)
             cls = labels if self.parts["unet"].config.num_class_embeds else None
             out = self.parts["unet"](xt, t, encoder_hidden_states=ctx, class_labels=cls).sample
         elif e.kind == "pixart":
-            ctx = self.parts["label_encoder"](labels)
             out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t).sample
         else:  # without a teacher, the DiT's own label embeddings drop labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
