@@ -2,7 +2,8 @@
 
 Evaluates weights files of ``shapes-dit`` (checkpoints that ``vision-eff zoo train shapes-dit
 --teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``), or of
-``shapes-pixart`` with ``--model shapes-pixart`` (``recipes/shapes-pixart.sh``), beside the packaged
+``shapes-pixart`` with ``--model shapes-pixart`` (``recipes/shapes-pixart.sh``), or of the DiT in
+``shapes-vae``'s latent space with ``--model shapes-latent-dit`` (``recipes/shapes-latent-dit.sh``), beside the packaged
 DiT (and the packaged PixArt once there is one) and the teacher, in one run, with the evaluator the zoo's quality bar uses:
 diffusers' default 50-step DPM-Solver++, classifier-free guidance, class-balanced labels, the
 same noise for every row; class accuracy and FD against the held-out split, and the real-vs-real
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-TRANSFORMERS = ("shapes-dit", "shapes-pixart")
+TRANSFORMERS = ("shapes-dit", "shapes-pixart", "shapes-latent-dit")
 
 
 def _steps(meta: dict) -> tuple[int, int, int, float]:
@@ -90,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         student = name != "shapes-unet"
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
-        rows.append({"weights": label, "start": _start(meta) if name == "shapes-dit" else "",  # (DiT options)
+        rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-latent-dit") else "",  # (DiT options)
                      "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                      "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)
-        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt"}[name]
+        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-latent-dit": "latent DiT"}[name]
         caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
                    else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
         panels.append((f"{caption}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))

@@ -25,7 +25,7 @@ def test_weights_record_their_training(pipe):
 @pytest.mark.parametrize("scheduler_cls", [DPMSolverMultistepScheduler, EulerDiscreteScheduler, DDIMScheduler, HeunDiscreteScheduler])
 def test_offline_generation_with_swapped_schedulers(pipe, scheduler_cls):
     pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
-    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
     out = pipe(class_labels=[1, 4], num_inference_steps=4, guidance_scale=2.0, latents=noise,
                output_type="pt").images
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
@@ -42,7 +42,8 @@ def test_output_types_and_generator(pipe):
     np_img = pipe(class_labels=0, num_inference_steps=2, generator=g(), output_type="np").images
     lat = pipe(class_labels=0, num_inference_steps=2, generator=g(), output_type="latent").images
     assert pil[0].size == (32, 32) and np_img.shape == (1, 32, 32, 3)
-    assert torch.allclose(torch.from_numpy(np_img).permute(0, 3, 1, 2), (lat + 1) / 2, atol=1e-6)
+    assert lat.shape == (1, *pipe.latent_shape)
+    assert torch.allclose(torch.from_numpy(np_img).permute(0, 3, 1, 2), (pipe.decode_latents(lat) + 1) / 2, atol=1e-6)
 
 
 def test_callback_sees_every_step(pipe):

@@ -115,10 +115,10 @@ def generate(pipe, config: Configuration, labels: torch.Tensor, seed: int, guida
     out, seconds = [], 0.0
     try:
         for b, lab in enumerate(batches):
-            noise = torch.randn((len(lab), 3, 32, 32), generator=torch.Generator().manual_seed(seed * 100_003 + b))
+            noise = torch.randn((len(lab), *pipe.latent_shape), generator=torch.Generator().manual_seed(seed * 100_003 + b))
             t0 = time.perf_counter()
-            img = pipe(class_labels=lab, num_inference_steps=config.steps, guidance_scale=guidance,
-                       latents=noise, output_type="latent", callback_on_step_end=tick).images
+            img = pipe.decode_latents(pipe(class_labels=lab, num_inference_steps=config.steps, guidance_scale=guidance,
+                                           latents=noise, output_type="latent", callback_on_step_end=tick).images)
             seconds += time.perf_counter() - t0
             out.append(img)
     finally:

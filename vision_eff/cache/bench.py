@@ -59,7 +59,8 @@ def _calibrated(num_full: int, *others, order: int = 1, probe: int = 1) -> Calla
         key = (id(pipe), args.steps, args.guidance, args.seed)
         if key not in found:
             labels = torch.arange(CALIBRATION_IMAGES) % NUM_CLASSES
-            noise = torch.randn(CALIBRATION_IMAGES, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed + 1))
+            noise = torch.randn(CALIBRATION_IMAGES, *pipe.latent_shape,
+                                generator=torch.Generator().manual_seed(args.seed + 1))
             found[key] = calibrate_full_steps(pipe, num_full, probe=probe, run=lambda: pipe(
                 class_labels=labels, num_inference_steps=args.steps, guidance_scale=args.guidance, latents=noise,
                 output_type="latent"))
@@ -237,8 +238,9 @@ def _generate(pipe, labels, noise, steps, guidance, batch) -> tuple[torch.Tensor
     out = []
     t0 = time.perf_counter()
     for i in range(0, len(labels), batch):
-        out.append(pipe(class_labels=labels[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                        latents=noise[i:i + batch], output_type="latent").images)
+        out.append(pipe.decode_latents(pipe(class_labels=labels[i:i + batch], num_inference_steps=steps,
+                                            guidance_scale=guidance, latents=noise[i:i + batch],
+                                            output_type="latent").images))
     return torch.cat(out), time.perf_counter() - t0
 
 
@@ -292,7 +294,7 @@ def bench_model(name: str, settings: list[Setting], args, evaluator) -> tuple[li
 
     pipe = load_pipeline(name)
     labels = torch.arange(args.n) % NUM_CLASSES
-    noise = torch.randn(args.n, 3, 32, 32, generator=torch.Generator().manual_seed(args.seed))
+    noise = torch.randn(args.n, *pipe.latent_shape, generator=torch.Generator().manual_seed(args.seed))
     _generate(pipe, labels[:2], noise[:2], 2, args.guidance, args.batch)  # warm-up
     ref, t_ref = _generate(pipe, labels, noise, args.steps, args.guidance, args.batch)
     f_ref = _flops(pipe, labels, noise, args.steps, args.guidance)

@@ -192,8 +192,9 @@ def oracle_markdown(res: dict, nfes, command: str) -> str:
 def _pipe_images(pipe, labels, noise, steps, guidance, batch):
     out = []
     for i in range(0, len(labels), batch):
-        out.append(pipe(class_labels=labels[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
-                        latents=noise[i:i + batch], output_type="latent").images)
+        out.append(pipe.decode_latents(pipe(class_labels=labels[i:i + batch], num_inference_steps=steps,
+                                            guidance_scale=guidance, latents=noise[i:i + batch],
+                                            output_type="latent").images))
     return torch.cat(out)
 
 
@@ -205,7 +206,7 @@ def model_generate(model_name, nfes, n_images, seed, guidance, batch, schedule_f
     pipe = load_pipeline(model_name)
     base_config = dict(pipe.scheduler.config)
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n_images, 3, 32, 32, generator=g)
+    noise = torch.randn(n_images, *pipe.latent_shape, generator=g)
     labels = torch.arange(n_images) % 8
     t0 = time.time()
     pipe.scheduler = peer_scheduler("dpm++2m", base_config)

@@ -62,7 +62,7 @@ def _pipeline_target(pipe, guidance_scale: float) -> Target:
         return sched._to_denoised(out.to(x_ve.dtype), x.to(x_ve.dtype), sigma)
 
     name = getattr(pipe, "_zoo_name", None) or type(pipe.denoiser).__name__
-    return Target(denoise, sched.noise, sched.config.prediction_type, (3, pipe.sample_size, pipe.sample_size), name,
+    return Target(denoise, sched.noise, sched.config.prediction_type, tuple(pipe.latent_shape), name,
                   model_fingerprint(pipe.denoiser), NUM_CLASSES, dict(pipe.scheduler.config))
 
 

@@ -33,7 +33,12 @@ def load_model(name: str, device: str | torch.device = "cpu", dtype: torch.dtype
     """
     e = entry(name)
     modules = build(e.name)
-    load_into(modules, weights_path(e.name) if weights is None else weights, e.name)
+    meta = load_into(modules, weights_path(e.name) if weights is None else weights, e.name)
+    if e.kind == "vae":
+        if "scaling_factor" not in meta:
+            raise WeightsError(f"the {name!r} weights carry no latent scaling factor; retrain them with "
+                               f"`vision-eff zoo train {name}`")
+        modules["vae"].register_to_config(scaling_factor=float(meta["scaling_factor"]))
     for m in modules.values():
         m.to(device=device)
         if dtype != torch.float32:
@@ -54,13 +59,14 @@ def default_scheduler(name: str):
 
 def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   weights: str | Path | None = None):
-    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``).
+    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``,
+    ``shapes-latent-dit``: a DiT in ``shapes-vae``'s latent space, decoded by it).
 
     ``scheduler`` defaults to diffusers' DPM-Solver++ multistep; any diffusers scheduler built with
     ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards. ``weights``: as in
     :func:`load_model`.
     """
-    from .pipeline import ShapesDiTPipeline, ShapesPixArtPipeline, ShapesUNetPipeline
+    from .pipeline import ShapesDiTPipeline, ShapesLatentDiTPipeline, ShapesPixArtPipeline, ShapesUNetPipeline
 
     e = entry(name)
     if e.kind not in DIFFUSION_KINDS:
@@ -73,7 +79,23 @@ def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu",
     elif e.kind == "pixart":
         pipe = ShapesPixArtPipeline(transformer=modules["transformer"], label_encoder=modules["label_encoder"],
                                     scheduler=scheduler)
+    elif e.vae:
+        pipe = ShapesLatentDiTPipeline(transformer=modules["transformer"], vae=_matching_vae(e, weights, device, dtype),
+                                       scheduler=scheduler)
     else:
         pipe = ShapesDiTPipeline(transformer=modules["transformer"], scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _matching_vae(e: ZooEntry, weights, device, dtype) -> nn.Module:
+    """The autoencoder of a latent model, checked to be the one the model was trained on."""
+    from ..samplers.schedules import model_fingerprint
+
+    vae = load_model(e.vae, device=device, dtype=dtype)["vae"]
+    trained_on = read_metadata(weights_path(e.name) if weights is None else weights).get("vae_fingerprint")
+    # (the fingerprint hashes float32 values: in another dtype it is checked at float32 only)
+    if dtype == torch.float32 and trained_on is not None and trained_on != model_fingerprint(vae):
+        raise WeightsError(f"{e.name!r} was trained in the latent space of other {e.vae!r} weights than the "
+                           f"packaged ones; retrain it with `vision-eff zoo train {e.name}`")
+    return vae

@@ -127,6 +127,15 @@ PIXART_CONFIG = dict(
     use_additional_conditions=False, interpolation_scale=1,
 )
 
+# Latent diffusion in miniature: a KL autoencoder (diffusers' AutoencoderKL) that maps 32x32x3 images to
+# 16x16x4 latents, and a DiT on those latents (patch 2: 64 tokens of 4x4 pixels each).
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
+    latent_channels=4, norm_num_groups=16, sample_size=32, mid_block_add_attention=False,
+)
+LATENT_DIT_CONFIG = dict(DIT_CONFIG, in_channels=4, out_channels=4, sample_size=16)
+
 # The noise schedule the diffusion models are trained with (DDPM, linear betas for pixels).
 SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
 
@@ -134,10 +143,11 @@ SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.0
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str  # "unet" | "dit" | "pixart" | "vit" | "vit-mixer" | "classifier"
+    kind: str  # "unet" | "dit" | "pixart" | "vae" | "vit" | "vit-mixer" | "classifier"
     description: str
     prediction_type: str | None = None
     train: dict = field(default_factory=dict)  # default training recipe
+    vae: str | None = None  # a diffusion model in the latent space of this built-in autoencoder
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -170,6 +180,21 @@ ZOO: dict[str, ZooEntry] = {
         prediction_type="v_prediction",
         train=dict(steps=3600, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
                    loss="min_snr5"),
+    ),
+    "shapes-vae": ZooEntry(
+        "shapes-vae", "vae",
+        "KL autoencoder (diffusers AutoencoderKL, widths 32/64, no attention): 32x32x3 images <-> 16x16x4 "
+        "latents, L1 + L2 reconstruction with a light KL term; its latent scaling factor is in the weights",
+        train=dict(steps=1500, batch_size=32, lr=1e-3, seed=0, kl_weight=1e-7, bf16=True),
+    ),
+    "shapes-latent-dit": ZooEntry(
+        "shapes-latent-dit", "dit",
+        "class-conditional DiTTransformer2DModel in shapes-vae's latent space (16x16x4 latents, patch 2, 64 "
+        "tokens, adaLN-zero, labels dropped once per sample), v prediction; decoded by shapes-vae",
+        prediction_type="v_prediction",
+        train=dict(steps=10000, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
+                   loss="mse", shared_label_dropout=True),
+        vae="shapes-vae",
     ),
     "shapes-vit": ZooEntry(
         "shapes-vit", "vit",
@@ -233,10 +258,14 @@ def build(name: str, class_embed: bool = True, init: str = "diffusers") -> dict[
 
         return {"transformer": PixArtTransformer2DModel(**PIXART_CONFIG),
                 "label_encoder": LabelEncoder(dim=PIXART_CONFIG["caption_channels"])}
+    if e.kind == "vae":
+        from diffusers import AutoencoderKL
+
+        return {"vae": AutoencoderKL(**VAE_CONFIG)}
     if e.kind == "dit":
         from diffusers import DiTTransformer2DModel
 
-        transformer = DiTTransformer2DModel(**DIT_CONFIG)
+        transformer = DiTTransformer2DModel(**(LATENT_DIT_CONFIG if e.vae else DIT_CONFIG))
         return {"transformer": init_dit_weights(transformer) if init == "dit" else transformer}
     if e.kind == "vit":
         from ..vit.builtin import build_vit

@@ -1,10 +1,12 @@
-"""Diffusers pipelines for the built-in class-conditional pixel-space models.
+"""Diffusers pipelines for the built-in class-conditional diffusion models.
 
 ``ShapesUNetPipeline`` (``pipe.unet`` + ``pipe.label_encoder``, cross-attention on label
 tokens, like Stable Diffusion's text conditioning), ``ShapesDiTPipeline``
 (``pipe.transformer`` with adaLN label conditioning, like diffusers' DiT) and
 ``ShapesPixArtPipeline`` (``pipe.transformer`` + ``pipe.label_encoder``: adaLN-single for the
-timestep, cross-attention on label tokens, like PixArt-alpha's text conditioning). All run any
+timestep, cross-attention on label tokens, like PixArt-alpha's text conditioning) and
+``ShapesLatentDiTPipeline`` (a DiT on the latents of ``pipe.vae``, decoded at the end, like
+latent diffusion). All run any
 diffusers scheduler: the loop only uses ``set_timesteps``, ``scale_model_input``,
 ``init_noise_sigma`` and ``step``. Classifier-free guidance runs the unconditional and the
 conditional halves in one batch, unconditional first (the Stable Diffusion convention that
@@ -45,7 +47,8 @@ def as_labels(class_labels: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
 class _ShapesPipeline(DiffusionPipeline):
     """Shared sampling loop; subclasses say how the denoiser is called."""
 
-    sample_size = 32
+    sample_size = 32  # of the images
+    latent_space = False  # True: the denoiser works on an autoencoder's latents (``pipe.vae``)
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -53,6 +56,16 @@ class _ShapesPipeline(DiffusionPipeline):
 
     def _denoise(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one sample in the space the model denoises (what ``latents=`` takes)."""
+        cfg = self.denoiser.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from what ``output_type="latent"`` gives (pixel models: that already)."""
+        return latents.float().clamp(-1, 1)
 
     def _label_tokens(self, labels: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The cross-attention context of the label-token models (UNet, PixArt)."""
@@ -79,7 +92,8 @@ class _ShapesPipeline(DiffusionPipeline):
         """Generate images of the given classes.
 
         ``output_type``: "pil" (list of PIL images), "np" ([B,H,W,3] in [0,1]), "pt" ([B,3,H,W] in [0,1])
-        or "latent" (the model's own space: [B,3,H,W] in [-1,1]).
+        or "latent" (the model's own space: [B,3,H,W] images in [-1,1] for the pixel models, the scaled
+        autoencoder latents for a latent model; ``decode_latents`` turns either into images).
         ``callback_on_step_end(pipe, i, t, {"latents": x})`` runs after each step (diffusers' convention).
         """
         labels = as_labels(class_labels).to(self.device)
@@ -91,7 +105,7 @@ class _ShapesPipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         batch = labels.shape[0]
         dtype = next(self.denoiser.parameters()).dtype
-        shape = (batch, 3, self.sample_size, self.sample_size)
+        shape = (batch, *self.latent_shape)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype)
         elif tuple(latents.shape) != shape:
@@ -122,9 +136,10 @@ class _ShapesPipeline(DiffusionPipeline):
             if callback_on_step_end is not None:
                 ret = callback_on_step_end(self, i, t, {"latents": x}) or {}
                 x = ret.get("latents", x)
-        image = x.float().clamp(-1, 1)
-        if output_type != "latent":
-            image = (image + 1) / 2
+        if output_type == "latent":
+            image = x.float() if self.latent_space else self.decode_latents(x)
+        else:
+            image = (self.decode_latents(x) + 1) / 2
             if output_type in ("np", "pil"):
                 image = image.permute(0, 2, 3, 1).cpu().numpy()
             if output_type == "pil":
@@ -186,3 +201,19 @@ class ShapesPixArtPipeline(_ShapesPipeline):
 
     def _denoise(self, x, t, labels):
         return self.transformer(x, encoder_hidden_states=self._label_tokens(labels, x.dtype), timestep=t).sample
+
+
+class ShapesLatentDiTPipeline(ShapesDiTPipeline):
+    """Latent diffusion in miniature: a class-conditional DiT on an AutoencoderKL's scaled latents."""
+
+    model_cpu_offload_seq = "transformer->vae"
+    latent_space = True
+
+    def __init__(self, transformer, vae, scheduler):
+        _ShapesPipeline.__init__(self)  # ShapesDiTPipeline's would register the modules without the VAE
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        latents = latents.to(self.vae.device, self.vae.dtype) / self.vae.config.scaling_factor
+        return self.vae.decode(latents).sample.float().clamp(-1, 1)

@@ -76,7 +76,8 @@ class _Objective(nn.Module):
 
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
                  prediction_type: str | None = None, loss: str = "mse", teacher=None,
-                 shared_label_dropout: bool = False, repa: dict | None = None):
+                 shared_label_dropout: bool = False, repa: dict | None = None, vae=None,
+                 kl_weight: float = 0.0):
         super().__init__()
         # Min-SNR-gamma weighting (Hang et al. 2023): the per-timestep weight of the x0 error is
         # min(SNR, gamma); expressed for the eps / v targets below.
@@ -85,8 +86,11 @@ class _Objective(nn.Module):
         self.prediction_type = prediction_type or self.entry.prediction_type
         self.parts = nn.ModuleDict(modules)
         self.label_dropout = label_dropout
-        # a frozen teacher pipeline (not a submodule: it is neither trained, synced nor saved)
+        # a frozen teacher pipeline and the frozen autoencoder of a latent model (not submodules: they are
+        # neither trained, synced nor saved)
         object.__setattr__(self, "teacher", teacher)
+        object.__setattr__(self, "vae", vae)
+        self.kl_weight = kl_weight
         # Diffusers' DiT has one label embedding per block, each dropping labels on its own, so the
         # all-null input that guidance asks for is almost never trained. With a teacher (which must see
         # the same dropped labels) or ``shared_label_dropout`` the labels are dropped once here instead.
@@ -98,14 +102,14 @@ class _Objective(nn.Module):
                     m.dropout_prob = 0.0
         self.repa, self.repa_weight, self.last_repa = None, 0.0, None
         if repa:
-            if self.entry.kind != "dit":
-                raise ValueError(f"REPA alignment is for the DiT, not {name!r}")
+            if self.entry.kind != "dit" or self.entry.vae:
+                raise ValueError(f"REPA alignment is for the pixel-space DiT (shapes-dit), not {name!r}")
             from .repa import RepaAlignment
 
             opts = dict(repa)
             self.repa_weight = float(opts.pop("weight", 0.5))
             self.repa = RepaAlignment(modules["transformer"], **opts)
-        if self.entry.kind != "classifier":
+        if self.entry.kind not in ("classifier", "vae"):
             from diffusers import DDPMScheduler
 
             self.register_buffer("alphas_cumprod", DDPMScheduler(**SCHEDULE_CONFIG).alphas_cumprod.float(), persistent=False)
@@ -115,6 +119,11 @@ class _Objective(nn.Module):
         if e.kind == "classifier":
             logits = self.parts["classifier"](_augment(x0, gen).to(x0.device))
             return nn.functional.cross_entropy(logits.float(), labels)
+        if e.kind == "vae":
+            return _autoencoder_loss(self.parts["vae"], x0, gen, self.kl_weight)
+        if self.vae is not None:  # a latent model trains on the scaled latents of its frozen autoencoder
+            with torch.no_grad():
+                x0 = encode_latents(self.vae, x0)
         t = torch.randint(0, SCHEDULE_CONFIG["num_train_timesteps"], (b,), generator=gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
@@ -148,6 +157,31 @@ class _Objective(nn.Module):
             self.last_repa = self.repa.loss(x0)
             loss = loss + self.repa_weight * self.last_repa
         return loss
+
+
+def _autoencoder_loss(vae: nn.Module, x: torch.Tensor, gen: torch.Generator, kl_weight: float) -> torch.Tensor:
+    """L1 + L2/2 reconstruction through a sampled latent, plus ``kl_weight`` x the per-image KL to N(0, I)."""
+    post = vae.encode(x).latent_dist
+    rec = vae.decode(post.sample(generator=gen)).sample.float()
+    return (rec - x).abs().mean() + 0.5 * (rec - x).square().mean() + kl_weight * post.kl().float().mean()
+
+
+def encode_latents(vae: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> the diffusion space of a latent model: the posterior mean x the scaling factor."""
+    return vae.encode(images.to(vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae: nn.Module, count: int = 1024) -> float:
+    """1 / the standard deviation of the posterior means of the first ``count`` training images (the
+    latent-diffusion convention: the diffusion model sees latents of unit variance)."""
+    was = vae.training
+    vae.eval()
+    x, _ = data.batch("train", 0, count, 32)
+    z = torch.cat([vae.encode(x[i:i + 256].to(vae.device, vae.dtype)).latent_dist.mode().float()
+                   for i in range(0, count, 256)])
+    vae.train(was)
+    return 1.0 / z.std().item()
 
 
 def min_snr_gamma(loss: str) -> float | None:
@@ -268,9 +302,11 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
             grows = class_embed and not any(k.startswith("unet.class_embedding.") for k in f.keys())
         load_into(modules, init_from, name, allow_missing=("class_embedding.",) if grows else ())
     teacher, teacher_meta = _load_teacher(recipe.get("teacher"), name, accel.device)
+    vae, vae_meta = _load_vae(e, accel.device)
     objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type,
                            recipe.get("loss", "mse"), teacher=teacher,
-                           shared_label_dropout=recipe.get("shared_label_dropout", False), repa=recipe.get("repa"))
+                           shared_label_dropout=recipe.get("shared_label_dropout", False), repa=recipe.get("repa"),
+                           vae=vae, kl_weight=recipe.get("kl_weight", 0.0))
     params = list(objective.parameters())  # the model's, and REPA's training-only projector
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
@@ -296,11 +332,13 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
             data=f"vision_eff.zoo.data train split, 32x32, sample {offset} + (step*world+rank)*batch onwards",
             train_seconds=round(time.time() - t0, 1), processes=accel.num_processes,
             machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
-            torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5), **teacher_meta,
+            torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5), **teacher_meta, **vae_meta,
             **({"final_repa": round(ema_align, 5)} if ema_align is not None else {}),
         )
         if e.kind == "classifier":
             meta["eval_accuracy"] = round(_classifier_accuracy(raw["classifier"]), 5)
+        if e.kind == "vae":  # what the latent models scale latents by (load_model sets it in the config)
+            meta["scaling_factor"] = round(latent_scaling_factor(raw["vae"]), 6)
         target = ema if ema is not None else raw
         save({k: target[k] for k in modules}, out, meta)
         if keep_checkpoints and not final:
@@ -343,6 +381,21 @@ def checkpoint_path(out: str | Path, step: int) -> Path:
 def _check_teacher(teacher: str | None, name: str) -> None:
     if teacher is not None and (teacher == name or entry(teacher).kind not in DIFFUSION_KINDS):
         raise ValueError(f"teacher must be another built-in diffusion model than {name!r}, got {teacher!r}")
+    if teacher is not None and entry(teacher).vae != entry(name).vae:
+        space = lambda n: f"{entry(n).vae}'s latents" if entry(n).vae else "pixels"  # noqa: E731
+        raise ValueError(f"teacher {teacher!r} denoises {space(teacher)} and {name!r} {space(name)}: "
+                         f"a teacher must work in the same space as its student")
+
+
+def _load_vae(e, device) -> tuple[nn.Module | None, dict]:
+    """The frozen autoencoder of a latent model, and what identifies its weights."""
+    if e.vae is None:
+        return None, {}
+    from . import load_model
+    from ..samplers.schedules import model_fingerprint
+
+    vae = load_model(e.vae, device=device)["vae"]
+    return vae, {"vae": e.vae, "vae_fingerprint": model_fingerprint(vae)}
 
 
 def _load_teacher(teacher: str | None, name: str, device) -> tuple[object, dict]:
