@@ -73,7 +73,7 @@ def test_repa_rejects_bad_settings_naming_them():
         RepaAlignment(dit, block=1, encoder=_encoder(), encoder_block=9)
     with pytest.raises(ValueError, match="the transformer has 256 tokens but the encoder 64 patches"):
         RepaAlignment(dit, block=1, encoder=build_vit(img_size=32))  # an 8x8 grid against 16x16
-    with pytest.raises(ValueError, match="REPA alignment is for the DiT"):
+    with pytest.raises(ValueError, match="REPA alignment is for the pixel-space DiT"):
         train_mod._Objective("shapes-unet", zoo.build("shapes-unet"), repa=dict(block=1))
 
 
