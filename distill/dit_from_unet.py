@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="shapes-dit", choices=TRANSFORMERS, help="the model the checkpoints are of")
     p.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="weights files of --model")
     p.add_argument("--samples", type=int, default=64, help="generated images per row (class-balanced)")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, nargs="+", default=[3.0],
+                   help="classifier-free guidance scale(s); with several, every weights file is measured at each")
+    p.add_argument("--skip-references", action="store_true",
+                   help="leave out the teacher and packaged-DiT rows (the packaged --model row stays)")
     p.add_argument("--seed", type=int, default=1, help="noise seed (as `vision-eff bench zoo`)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown)")
@@ -72,40 +75,46 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"no weights file at {', '.join(missing)}")
     if args.samples < 16:
         p.error("--samples must be >= 16")
+    if any(g < 1.0 for g in args.guidance):
+        p.error("--guidance must be >= 1 (1 is no guidance)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     ev = Evaluator()
     labels = balanced_labels(args.samples)
     floor = ev.fd_floor(args.samples)
-    runs = [("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
-            ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
+    runs = [] if args.skip_references else [
+        ("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
+        ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
     if args.model != "shapes-dit" and weights_path(args.model).exists():
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
     runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
+    runs = [(*run, g) for run in runs for g in args.guidance]
+    sweep = len(args.guidance) > 1
     rows, panels = [], []
     per = min(8, args.samples // 8)  # images per class in the gallery grids
-    for what, name, path, meta in runs:
+    for what, name, path, meta, guidance in runs:
         pipe = load_pipeline(name, weights=path)
-        imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, args.guidance, desc=Path(what).name)
+        imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, guidance, desc=Path(what).name)
         student = name != "shapes-unet"
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
         rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-latent-dit") else "",  # (DiT options)
                      "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
-                     "accuracy": ev.accuracy(imgs, labels),
+                     **({"guidance": guidance} if sweep else {}), "accuracy": ev.accuracy(imgs, labels),
                      "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
         print(rows[-1], flush=True)
         short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-latent-dit": "latent DiT"}[name]
         caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
                    else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
+        caption += f", guidance {guidance:g}" if sweep else ""
         panels.append((f"{caption}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))
     table = markdown_table(rows, list(rows[0]))
     print(table)
     made_by = provenance(command_line("python distill/dit_from_unet.py", argv))
     if args.gallery:  # teacher, packaged DiT, then the last checkpoint of each run (folder)
-        packaged = [k for k, (_w, _n, path, _m) in enumerate(runs) if path is None]
-        last = {Path(what).parent: k for k, (what, _n, path, _m) in enumerate(runs) if path is not None}
+        packaged = [k for k, (_w, _n, path, _m, _g) in enumerate(runs) if path is None]
+        last = {Path(what).parent: k for k, (what, _n, path, _m, _g) in enumerate(runs) if path is not None}
         shown = [panels[k] for k in packaged] + [panels[k] for k in last.values()]
         image = f"distill-{args.model}.png"
         labelled_panels(shown, per, scale=2).save(GALLERY / image)
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         text = (f"# {args.title}\n\n"
                 f"Made by {made_by}.\n\n"
                 f"n={args.samples} class-balanced images per row, diffusers' DPM-Solver++ 2M, 50 steps, guidance "
-                f"{args.guidance}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "
+                f"{', '.join(f'{g:g}' for g in args.guidance)}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "
                 f"class for the label asked for; FD: evaluator features against the held-out split; FD floor: real "
                 f"images against the same split at the same n. Steps and minutes count every stage in the weights' "
                 f"history (batch 32). Packaged weights: as committed.\n\n"

@@ -53,3 +53,33 @@ def test_time_interleaved_pairs_rounds_and_leaves_the_model_unpatched(monkeypatc
     assert ve.active_techniques(model) == []
     with torch.inference_mode():
         assert torch.equal(model(x), ref)
+
+
+def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path):
+    """The profiler's addmm FLOPs against a by-hand count (2 * rows * in * out per nn.Linear call)."""
+    import timm
+
+    from vision_eff.vit.bench import op_profile
+
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                              embed_dim=32, num_heads=2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    by_hand = []
+    hooks = [m.register_forward_hook(lambda m, i, o: by_hand.append(2 * i[0][..., 0].numel() * m.in_features
+                                                                    * m.out_features))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    prof = op_profile(model, x, iters=2)
+    secs, flops = prof["aten::addmm"]
+    assert flops == sum(by_hand) and secs > 0
+
+    out = tmp_path / "vit.md"
+    assert main(["--smoke", "--skip-builtin", "--iters", "1", "--batches", "1", "--r", "4,9999", "--profile",
+                 "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
+    section = out.read_text().split("### Where the time goes")[1]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| vit_small")]
+    assert any("aten::addmm" in r[2] for r in rows) and rows[-1][2] == "total (all ops)"
+    assert all(len(r) == 3 + 2 * 3 for r in rows)  # unpatched, r=4 and r=9999 (blank: too large) columns

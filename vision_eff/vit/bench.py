@@ -253,12 +253,54 @@ def _merge_gallery(model, images: torch.Tensor, folder: Path) -> None:
     Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(folder / "merge_maps.png")
 
 
+def op_profile(model: torch.nn.Module, x: torch.Tensor, iters: int = 3) -> dict[str, tuple[float, float]]:
+    """Per aten op, ``(self seconds per forward, FLOPs per forward)`` over ``iters`` forwards after two warm-ups
+    (torch's profiler; FLOPs only for the ops it counts, such as addmm). A first profiled forward is discarded:
+    the first one under the profiler after a patch runs several times slower."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x), model(x)
+        for n in (1, iters):
+            with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+                for _ in range(n):
+                    model(x)
+    return {e.key: (e.self_cpu_time_total / 1e6 / iters, (e.flops or 0) / iters) for e in prof.key_averages()}
+
+
+def _profile_rows(name: str, b: int, model, x, rs: list[int], supported, top: int = 6) -> list[list[Any]]:
+    """Rows of the op profile: the unpatched model and TokenMerge(r) side by side (blank cells where r does not
+    apply), the ``top`` ops of each setting, with GFLOP/s where torch counts the op's FLOPs."""
+    prof = {0: op_profile(model, x)}
+    for r in rs:
+        prof[r] = {}
+        if r in supported:
+            with ve.patched(model, ve.TokenMerge(r=r)):
+                prof[r] = op_profile(model, x)
+    ops = []
+    for p in prof.values():
+        ops += [k for k, _ in sorted(p.items(), key=lambda kv: -kv[1][0])[:top] if k not in ops]
+    rows = []
+    for op in ops:
+        row = [name, b, op]
+        for r, p in prof.items():
+            if not p:
+                row += ["", ""]
+                continue
+            secs, fl = p.get(op, (0.0, 0.0))
+            row += [f"{1e3 * secs:.1f}", f"{fl / secs / 1e9:.0f}" if fl and secs else ""]
+        rows.append(row)
+    rows.append([name, b, "total (all ops)"] + [v for p in prof.values()
+                                               for v in (f"{1e3 * sum(s for s, _ in p.values()):.1f}" if p else "", "")])
+    return rows
+
+
 def bench_timm(args, lines: list[str]) -> None:
     import timm
 
     batches = [int(b) for b in args.batches.split(",")]
     rs = [int(r) for r in args.r.split(",")]
-    rows = []
+    rows, prof_rows = [], []
     for name in args.models.split(","):
         kw = dict(pretrained=False)
         if args.smoke:
@@ -294,6 +336,8 @@ def bench_timm(args, lines: list[str]) -> None:
                         f"{100 * agree:.0f} / {kl:.4f}"]
             rows.append(row)
             print(f"[bench vit] {name} batch {b}: " + " | ".join(map(str, row[2:])), flush=True)
+            if args.profile:
+                prof_rows += _profile_rows(name, b, model, x, rs, supported)
     header = ["model", "batch", "GFLOPs/img", "unpatched img/s"]
     for r in rs:
         header += [f"r={r} GFLOPs/img", f"r={r} img/s (speed-up)", f"r={r} agree % / KL"]
@@ -304,6 +348,15 @@ def bench_timm(args, lines: list[str]) -> None:
               "agreement and KL on 8 random images (random weights: a structure check, not accuracy).", ""]
     lines += _table(header, rows)
     lines.append("")
+    if prof_rows:
+        header = ["model", "batch", "op", "unpatched ms", "unpatched GFLOP/s"]
+        for r in rs:
+            header += [f"r={r} ms", f"r={r} GFLOP/s"]
+        lines += ["### Where the time goes", "",
+                  "torch's profiler, self time per forward (mean of 3 after 2 warm-ups), the heaviest ops of each "
+                  "setting; GFLOP/s where the profiler counts the op's FLOPs.", ""]
+        lines += _table(header, prof_rows)
+        lines.append("")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-builtin", action="store_true")
     p.add_argument("--skip-timm", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="timm models: also profile each batch per aten op (time and GFLOP/s, unpatched beside merged)")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks the command, numbers mean nothing")
     p.add_argument("--out", default="notes/results/vit.md", help="Markdown table to write")
     p.add_argument("--gallery", default="gallery/vit", help="folder for the merge-map picture ('' for none)")
