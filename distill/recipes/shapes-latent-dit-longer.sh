@@ -6,7 +6,8 @@
 #   python distill/dit_from_unet.py --model shapes-latent-dit --checkpoints $OUT/shapes-latent-dit.step3000.safetensors \
 #       $OUT/shapes-latent-dit.step6000.safetensors $OUT/shapes-latent-dit.safetensors --samples 128 --threads 2 \
 #       --out distill/results/shapes-latent-dit-longer.md
-# FROM: the 10000-step weights (default: the packaged file, as it was before these steps were added).
+# FROM: the weights to continue (default: the 10000-step output of shapes-latent-dit.sh). The packaged weights are
+# this script run twice: then FROM=runs/latent-dit-cont/shapes-latent-dit.safetensors OUT=runs/latent-dit-cont2.
 set -euo pipefail
 OUT=${OUT:-runs/latent-dit-cont}
 VE=${VE:-.venv/bin/vision-eff}
