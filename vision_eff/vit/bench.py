@@ -280,19 +280,14 @@ def _profile_rows(name: str, b: int, model, x, rs: list[int], supported, top: in
     ops = []
     for p in prof.values():
         ops += [k for k, _ in sorted(p.items(), key=lambda kv: -kv[1][0])[:top] if k not in ops]
-    rows = []
-    for op in ops:
-        row = [name, b, op]
-        for r, p in prof.items():
-            if not p:
-                row += ["", ""]
-                continue
-            secs, fl = p.get(op, (0.0, 0.0))
-            row += [f"{1e3 * secs:.1f}", f"{fl / secs / 1e9:.0f}" if fl and secs else ""]
-        rows.append(row)
-    rows.append([name, b, "total (all ops)"] + [v for p in prof.values()
-                                               for v in (f"{1e3 * sum(s for s, _ in p.values()):.1f}" if p else "", "")])
-    return rows
+    def cells(p: dict, op: str | None) -> list[str]:  # op None: the total over all ops
+        if not p:
+            return ["", ""]
+        secs, fl = p.get(op, (0.0, 0.0)) if op else (sum(s for s, _ in p.values()), 0.0)
+        return [f"{1e3 * secs:.1f}", f"{fl / secs / 1e9:.0f}" if fl and secs else ""]
+
+    return [[name, b, op or "total (all ops)"] + [c for p in prof.values() for c in cells(p, op)]
+            for op in [*ops, None]]
 
 
 def bench_timm(args, lines: list[str]) -> None:
