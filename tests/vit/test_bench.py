@@ -35,12 +35,13 @@ def test_time_interleaved_pairs_rounds_and_leaves_the_model_unpatched(monkeypatc
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         ref = model(x)
-    calls = []
+    calls, timed_models = [], []
 
     def fake(m, xx, iters, warmup=1):
         patched = any(isinstance(t, ve.TokenMerge) for t in ve.active_techniques(m))
         rnd = len(calls) // 2  # two settings per round
         calls.append(patched)
+        timed_models.append(m)
         drift = 1.0 + rnd
         return drift / (4.0 if patched else 1.0)
 
@@ -50,7 +51,11 @@ def test_time_interleaved_pairs_rounds_and_leaves_the_model_unpatched(monkeypatc
     assert calls[:4] == [True, False, False, True]  # order reverses every other round
     assert out["r2"]["speedup"] == 4.0  # the drift between rounds cancels in the paired ratios
     assert out[None]["seconds"] == 3.5 and out["r2"]["seconds"] == 3.5 / 4  # medians of rounds 1..4
-    assert ve.active_techniques(model) == []
+    # the unpatched side is the model itself; the patched side one copy, patched once for all rounds
+    copies = {id(m) for m, p in zip(timed_models, calls) if p}
+    assert len(copies) == 1 and id(model) not in copies
+    assert all(m is model for m, p in zip(timed_models, calls) if not p)
+    assert ve.active_techniques(model) == [] and ve.active_techniques(timed_models[0]) == []  # undone after
     with torch.inference_mode():
         assert torch.equal(model(x), ref)
 
