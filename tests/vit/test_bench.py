@@ -60,6 +60,37 @@ def test_time_interleaved_pairs_rounds_and_leaves_the_model_unpatched(monkeypatc
         assert torch.equal(model(x), ref)
 
 
+def test_slice_bound_has_the_merged_models_token_counts_and_flops():
+    """The slice bound keeps N - r tokens per block: its FLOPs are the merged model's, less only the matching's
+    similarity products; the original model stays untouched, and post-norm models get None."""
+    from tests.tokens.families import images, tiny
+    from vision_eff.tokens.timm import merge_schedule
+    from vision_eff.vit.bench import flops_per_image, slice_bound
+
+    import vision_eff as ve
+
+    model = tiny("deit3_layerscale")
+    x = images(2)
+    with torch.inference_mode():
+        ref = model(x)
+    cfg = ve.TokenMerge(r=(10, 0, 7))
+    rs = merge_schedule(cfg, 3, 65, 1)
+    fwd = slice_bound(model, rs)
+    seen = []
+    hook = model.blocks[2].register_forward_hook(lambda m, a, o: seen.append(o.shape[1]))
+    assert fwd(x).shape == ref.shape and seen == []  # runs on its own copy
+    hook.remove()
+    sliced = flops_per_image(fwd, x)
+    with ve.patched(model, cfg):
+        merged = flops_per_image(model, x)
+    # the matching adds one [Na, d] x [d, Nb] product of head-averaged keys (d = 48 / 3 heads) per merging block:
+    # 65 tokens -> sets A, B of 32 in block 0; 55 -> 27 and 27 in block 2
+    assert merged - sliced == 2 * 32 * 32 * 16 + 2 * 27 * 27 * 16
+    with torch.inference_mode():
+        assert torch.equal(model(x), ref)
+    assert slice_bound(tiny("res_post"), rs) is None
+
+
 def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path):
     """The profiler's addmm FLOPs against a by-hand count (2 * rows * in * out per nn.Linear call)."""
     import timm
@@ -83,7 +114,12 @@ def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path)
 
     out = tmp_path / "vit.md"
     assert main(["--smoke", "--skip-builtin", "--iters", "1", "--batches", "1", "--r", "4,9999", "--profile",
-                 "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
+                 "--slice-bound", "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
+    main_table = out.read_text().split("### Where the time goes")[0]
+    line = next(line for line in main_table.splitlines() if line.startswith("| vit_small"))
+    row = [cell.strip() for cell in line.split("|")[1:-1]]
+    assert len(row) == 4 + 2 * 4  # per r: GFLOPs, img/s, agreement, slice bound
+    assert row[7].endswith("x)") and row[11] == ""  # r=4 has a slice bound; r=9999 (too large) a blank cell
     section = out.read_text().split("### Where the time goes")[1]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| vit_small")]
     assert any("aten::addmm" in r[2] for r in rows) and rows[-1][2] == "total (all ops)"

@@ -52,8 +52,9 @@ def time_forward(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: in
 def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, iters: int) -> dict:
     """Unpatched and patched forwards timed in alternation, so machine drift hits all of them alike.
 
-    ``configs`` maps a key to a technique config, or a list of them. Each config is applied once, to its own
-    copy of ``model`` (same weights), and stays applied while the rounds run: a patched model is timed as
+    ``configs`` maps a key to a technique config, a list of them, or a plain callable (timed as it is).
+    Each config is applied once, to its own copy of ``model`` (same weights), and stays applied while the
+    rounds run: a patched model is timed as
     it is deployed, not in the first forward after every ``apply`` (that one pays for new tensor shapes in
     the allocator and in the matrix-multiply caches: 1-2% on ViT-B). ``model`` itself is never patched.
     Each round times the unpatched model and every config once, in an order that reverses every
@@ -63,6 +64,9 @@ def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, ite
     copies, handles = {None: model}, []
     try:
         for key, cfg in configs.items():
+            if callable(cfg):  # a plain forward (e.g. :func:`slice_bound`), timed as it is
+                copies[key] = cfg
+                continue
             copies[key] = copy.deepcopy(model)
             handles.append(ve.apply(copies[key], *(cfg if isinstance(cfg, (list, tuple)) else [cfg])))
         out = interleaved_rounds(lambda key: time_forward(copies[key], x, 1, warmup=0), [None, *configs],
@@ -73,6 +77,35 @@ def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, ite
     for v in out.values():
         del v["times"]
     return out
+
+
+def slice_bound(model: torch.nn.Module, rs: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A timing reference for token merging: a copy of ``model`` run at the merged model's token counts with
+    no matching, no merge and no hooks of ours. In block ``i`` the attention's output projection, the
+    residual stream after it and the MLP keep the first ``N - rs[i]`` tokens (as merging keeps ``N - r``);
+    the outputs mean nothing. None for models other than a timm VisionTransformer of pre-norm ``Block``s."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    if not isinstance(model, VisionTransformer) or any(type(b) is not Block for b in model.blocks):
+        return None
+    ref = copy.deepcopy(model).eval()
+    keep: dict[int, int] = {}
+
+    def proj_pre(i):
+        return lambda mod, args: (args[0][:, : keep[i]], *args[1:])
+
+    for i, blk in enumerate(ref.blocks):
+        blk.attn.proj.register_forward_pre_hook(proj_pre(i))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x = ref.norm_pre(ref.patch_drop(ref._pos_embed(ref.patch_embed(x))))
+        for i, (blk, r) in enumerate(zip(ref.blocks, rs)):
+            keep[i] = x.shape[1] - r
+            x = x[:, : keep[i]] + blk.ls1(blk.attn(blk.norm1(x)))
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return ref.forward_head(ref.norm(x))
+
+    return forward
 
 
 class _SDPAFlops(torch.overrides.TorchFunctionMode):
@@ -326,16 +359,30 @@ def bench_timm(args, lines: list[str]) -> None:
                 why[r] = exc
         for b in batches:
             x = torch.randn(b, 3, *size, generator=gen)
-            timed = time_interleaved(model, x, {r: ve.TokenMerge(r=r) for r in supported}, args.iters)
+            configs: dict = {r: ve.TokenMerge(r=r) for r in supported}
+            if args.slice_bound:
+                from ..tokens.timm import merge_schedule
+
+                n = model.patch_embed.num_patches + model.num_prefix_tokens
+                for r in supported:
+                    ref_fwd = slice_bound(model, merge_schedule(ve.TokenMerge(r=r), len(model.blocks), n,
+                                                                model.num_prefix_tokens))
+                    if ref_fwd is not None:
+                        configs[("slice", r)] = ref_fwd
+            timed = time_interleaved(model, x, configs, args.iters)
             row = [name, b, f"{flops[0] / 1e9:.2f}", f"{b / timed[None]['seconds']:.2f}"]
             for r in rs:
                 if r in why:
-                    row += ["", f"n/a ({why[r]})", ""]
+                    row += ["", f"n/a ({why[r]})", ""] + ([""] if args.slice_bound else [])
                     continue
                 agree, kl = supported[r]
                 t = timed[r]
                 row += [f"{flops[r] / 1e9:.2f}", f"{b / t['seconds']:.2f} ({t['speedup']:.2f}x)",
                         f"{100 * agree:.0f} / {kl:.4f}"]
+                if args.slice_bound:
+                    sl = timed.get(("slice", r))
+                    row.append("n/a (pre-norm timm ViTs only)" if sl is None else
+                               f"{b / sl['seconds']:.2f} ({sl['speedup']:.2f}x)")
             rows.append(row)
             print(f"[bench vit] {name} batch {b}: " + " | ".join(map(str, row[2:])), flush=True)
             if args.profile:
@@ -343,12 +390,17 @@ def bench_timm(args, lines: list[str]) -> None:
     header = ["model", "batch", "GFLOPs/img", "unpatched img/s"]
     for r in rs:
         header += [f"r={r} GFLOPs/img", f"r={r} img/s (speed-up)", f"r={r} agree % / KL"]
+        if args.slice_bound:
+            header.append(f"r={r} slice bound img/s (speed-up)")
     lines += ["## timm architectures, random weights (pretrained=False)", "",
               f"Unpatched timm with fused attention (SDPA) against TokenMerge(r), each on its own copy of the model "
               f"patched once, timed in alternation: {args.iters} "
               f"rounds after a warm-up round, each timing every setting once (order reversed every other round); "
               f"img/s from the median time, speed-up = median of the per-round ratios; "
-              "agreement and KL on 8 random images (random weights: a structure check, not accuracy).", ""]
+              "agreement and KL on 8 random images (random weights: a structure check, not accuracy)."
+              + (" Slice bound: the model run at the merged model's token counts by keeping each block's first "
+                 "N - r tokens, with no matching, merge or hooks (a timing reference; its outputs mean nothing)."
+                 if args.slice_bound else ""), ""]
     lines += _table(header, rows)
     lines.append("")
     if prof_rows:
@@ -372,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-builtin", action="store_true")
     p.add_argument("--skip-timm", action="store_true")
+    p.add_argument("--slice-bound", action="store_true",
+                   help="also time each r's token counts without merging (keep the first N - r tokens per block): "
+                        "what merging costs beyond the smaller matrix products")
     p.add_argument("--profile", action="store_true",
                    help="timm models: also profile each batch per aten op (time and GFLOP/s, unpatched beside merged)")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks the command, numbers mean nothing")
