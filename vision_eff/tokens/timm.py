@@ -9,10 +9,6 @@ The block's own forward runs unchanged; around it:
 - proportional attention: the block is called with ``attn_mask=log(size)`` ([B, 1, 1, N], a float
   additive mask), which timm's attention hands to SDPA (or to our attention op when it is swapped
   in by :mod:`vision_eff.vit.attention`);
-- the attention's output projection runs on reduced tokens: the match is known once the keys are, and a
-  per-token linear map commutes with a weighted mean, so a pre-hook on ``attn.proj`` merges its input and
-  a hook unmerges its output (the same result as projecting every token, for r fewer rows; pre-norm
-  blocks only, as a post-norm block's norm between projection and residual does not commute);
 - the MLP branch runs on reduced tokens: a pre-hook on ``norm2`` (``mlp`` for post-norm blocks)
   merges its input, a hook on ``mlp`` unmerges its output back to the block's token count, and the
   wrapped block forward merges the block's output. Because merging is a weighted mean (linear),
@@ -253,20 +249,13 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
             st.q_cls = None
         return None
 
-    def proj_in_hook(mod, args):
-        # the attention's output projection is linear and acts per token, so it commutes with the merge:
-        # project the merged rows only (r fewer) and broadcast them back; the block's merge is unchanged
-        if st.match is None:
-            return None
-        return (merge(args[0], st.match, st.size)[0], *args[1:])
-
     def mlp_in_hook(mod, args):
         if st.match is None:
             return None
         x, st.mlp_size, st.mlp_delta = merge_parts(args[0], st.match, st.size)
         return (x, *args[1:])
 
-    def unmerge_out_hook(mod, args, out):
+    def mlp_out_hook(mod, args, out):
         if st.match is None:
             return None
         return unmerge(out, st.match)
@@ -274,13 +263,8 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
     if not st.is_merge:
         handle.add_hook(attn.q_norm.register_forward_hook(q_hook))
     handle.add_hook(attn.k_norm.register_forward_hook(k_hook))
-    # pre-norm blocks only: there the projection reaches the residual through linear maps (LayerScale,
-    # drop-path); a post-norm block normalises it first, and a norm does not commute with the mean
-    if mlp_in == "norm2" and isinstance(getattr(attn, "proj", None), nn.Linear):
-        handle.add_hook(attn.proj.register_forward_pre_hook(proj_in_hook))
-        handle.add_hook(attn.proj.register_forward_hook(unmerge_out_hook))
     handle.add_hook(getattr(blk, mlp_in).register_forward_pre_hook(mlp_in_hook))
-    handle.add_hook(blk.mlp.register_forward_hook(unmerge_out_hook))
+    handle.add_hook(blk.mlp.register_forward_hook(mlp_out_hook))
 
     def make(orig):
         def forward(x, *args, **kwargs):

@@ -81,27 +81,20 @@ def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, ite
 
 def slice_bound(model: torch.nn.Module, rs: list[int]) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """A timing reference for token merging: a copy of ``model`` run at the merged model's token counts with
-    no matching, no merge and no hooks of ours. In block ``i`` the attention's output projection, the
-    residual stream after it and the MLP keep the first ``N - rs[i]`` tokens (as merging keeps ``N - r``);
-    the outputs mean nothing. None for models other than a timm VisionTransformer of pre-norm ``Block``s."""
+    no matching, no merge and no hooks. Block ``i`` runs its attention on all its tokens and then keeps the
+    first ``N - rs[i]`` for the MLP (as merging keeps ``N - r``); the outputs mean nothing. None for models
+    other than a timm VisionTransformer of pre-norm ``Block``s."""
     from timm.models.vision_transformer import Block, VisionTransformer
 
     if not isinstance(model, VisionTransformer) or any(type(b) is not Block for b in model.blocks):
         return None
     ref = copy.deepcopy(model).eval()
-    keep: dict[int, int] = {}
-
-    def proj_pre(i):
-        return lambda mod, args: (args[0][:, : keep[i]], *args[1:])
-
-    for i, blk in enumerate(ref.blocks):
-        blk.attn.proj.register_forward_pre_hook(proj_pre(i))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = ref.norm_pre(ref.patch_drop(ref._pos_embed(ref.patch_embed(x))))
-        for i, (blk, r) in enumerate(zip(ref.blocks, rs)):
-            keep[i] = x.shape[1] - r
-            x = x[:, : keep[i]] + blk.ls1(blk.attn(blk.norm1(x)))
+        for blk, r in zip(ref.blocks, rs):
+            x = x + blk.ls1(blk.attn(blk.norm1(x)))
+            x = x[:, : x.shape[1] - r]
             x = x + blk.ls2(blk.mlp(blk.norm2(x)))
         return ref.forward_head(ref.norm(x))
 
