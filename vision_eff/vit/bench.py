@@ -374,7 +374,7 @@ def bench_timm(args, lines: list[str]) -> None:
                         f"{100 * agree:.0f} / {kl:.4f}"]
                 if args.slice_bound:
                     sl = timed.get(("slice", r))
-                    row.append("n/a (pre-norm timm ViTs only)" if sl is None else
+                    row.append("n/a (timm VisionTransformer blocks only)" if sl is None else
                                f"{b / sl['seconds']:.2f} ({sl['speedup']:.2f}x)")
             rows.append(row)
             print(f"[bench vit] {name} batch {b}: " + " | ".join(map(str, row[2:])), flush=True)
