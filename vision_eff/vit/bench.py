@@ -54,9 +54,9 @@ def time_interleaved(model: torch.nn.Module, x: torch.Tensor, configs: dict, ite
 
     ``configs`` maps a key to a technique config, a list of them, or a plain callable (timed as it is).
     Each config is applied once, to its own copy of ``model`` (same weights), and stays applied while the
-    rounds run: a patched model is timed as
-    it is deployed, not in the first forward after every ``apply`` (that one pays for new tensor shapes in
-    the allocator and in the matrix-multiply caches: 1-2% on ViT-B). ``model`` itself is never patched.
+    rounds run: a patched model is timed as it is deployed, not in the first forward after every ``apply``
+    (that one pays for new tensor shapes in the allocator and the matrix-multiply caches: 1-2% on ViT-B).
+    ``model`` itself is never patched.
     Each round times the unpatched model and every config once, in an order that reverses every
     other round; one untimed warm-up round comes first. Returns, per key (``None`` = unpatched), the
     median seconds, and per config key also the median of the per-round speed-ups (paired ratios).
