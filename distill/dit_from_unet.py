@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
     runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
     sweep = len(args.guidance) > 1
-    rows, panels, shown_runs = [], [], []  # shown_runs: the run each panel is of
+    rows, panels = [], []  # panel k is of runs[k // len(args.guidance)]
     per = min(8, args.samples // 8)  # images per class in the gallery grids
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)  # once per weights file, for every guidance scale
@@ -98,24 +98,24 @@ def main(argv: list[str] | None = None) -> int:
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
         short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-latent-dit": "latent DiT"}[name]
+        caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
+                   else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
         for guidance in args.guidance:
-            shown_runs.append((what, path))
             imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, guidance, desc=Path(what).name)
             rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-latent-dit") else "",  # (DiT options)
                          "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                          **({"guidance": guidance} if sweep else {}), "accuracy": ev.accuracy(imgs, labels),
                          "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
             print(rows[-1], flush=True)
-            caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
-                       else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
-            caption += f", guidance {guidance:g}" if sweep else ""
-            panels.append((f"{caption}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))
+            title = caption + (f", guidance {guidance:g}" if sweep else "")
+            panels.append((f"{title}: {rows[-1]['accuracy']:.0%}", class_grid(imgs, labels, list(range(8)), per)))
     table = markdown_table(rows, list(rows[0]))
     print(table)
     made_by = provenance(command_line("python distill/dit_from_unet.py", argv))
     if args.gallery:  # teacher, packaged DiT, then the last checkpoint of each run (folder)
-        packaged = [k for k, (_w, path) in enumerate(shown_runs) if path is None]
-        last = {Path(what).parent: k for k, (what, path) in enumerate(shown_runs) if path is not None}
+        shown_runs = [runs[k // len(args.guidance)] for k in range(len(panels))]
+        packaged = [k for k, (_w, _n, path, _m) in enumerate(shown_runs) if path is None]
+        last = {Path(what).parent: k for k, (what, _n, path, _m) in enumerate(shown_runs) if path is not None}
         shown = [panels[k] for k in packaged] + [panels[k] for k in last.values()]
         image = f"distill-{args.model}.png"
         labelled_panels(shown, per, scale=2).save(GALLERY / image)

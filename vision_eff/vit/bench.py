@@ -26,6 +26,7 @@ from torch.nn import functional as F
 import vision_eff as ve
 
 from .._timing import interleaved_rounds
+from ..tokens.timm import merge_schedule
 
 __all__ = ["main", "time_forward", "time_interleaved", "flops_per_image", "agreement"]
 
@@ -350,18 +351,16 @@ def bench_timm(args, lines: list[str]) -> None:
                         supported[r] = agreement(ref, model(xa))
             except ve.UnsupportedModelError as exc:
                 why[r] = exc
+        configs: dict = {r: ve.TokenMerge(r=r) for r in supported}
+        if args.slice_bound:  # one reference copy per r, shared by every batch size
+            n = model.patch_embed.num_patches + model.num_prefix_tokens
+            for r in supported:
+                ref_fwd = slice_bound(model, merge_schedule(ve.TokenMerge(r=r), len(model.blocks), n,
+                                                            model.num_prefix_tokens))
+                if ref_fwd is not None:
+                    configs[("slice", r)] = ref_fwd
         for b in batches:
             x = torch.randn(b, 3, *size, generator=gen)
-            configs: dict = {r: ve.TokenMerge(r=r) for r in supported}
-            if args.slice_bound:
-                from ..tokens.timm import merge_schedule
-
-                n = model.patch_embed.num_patches + model.num_prefix_tokens
-                for r in supported:
-                    ref_fwd = slice_bound(model, merge_schedule(ve.TokenMerge(r=r), len(model.blocks), n,
-                                                                model.num_prefix_tokens))
-                    if ref_fwd is not None:
-                        configs[("slice", r)] = ref_fwd
             timed = time_interleaved(model, x, configs, args.iters)
             row = [name, b, f"{flops[0] / 1e9:.2f}", f"{b / timed[None]['seconds']:.2f}"]
             for r in rs:
