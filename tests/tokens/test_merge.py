@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vision_eff.tokens.merge import bipartite_match, merge, merge_parts, remerge, split_alternate, unmerge
+from vision_eff.tokens.merge import bipartite_match, merge, split_alternate, unmerge
 from vision_eff.tokens.prune import cls_attention, prune_by_score, pruned_count
 
 
@@ -73,36 +73,6 @@ def test_unmerge_inverts_merge_and_batch_independence():
         torch.testing.assert_close(merge(x[i:i + 1], mi)[0], y[i:i + 1], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("r", [0, 6])
-def test_remerge_of_a_group_constant_branch_equals_a_full_merge(r):
-    """remerge(x + unmerge(branch)) with merge_parts(x)'s corrections == merge(x + unmerge(branch)) (float64)."""
-    g = torch.Generator().manual_seed(7 + r)
-    x = torch.randn(3, 19, 5, generator=g, dtype=torch.float64)
-    size = torch.randint(1, 5, (3, 19, 1), generator=g).double()
-    a, b = split_alternate(19, 1)
-    m = bipartite_match(torch.randn(3, 19, 4, generator=g, dtype=torch.float64), a, b, r)
-    merged, s, delta = merge_parts(x, m, size)
-    ref, ref_s = merge(x, m, size)
-    assert torch.equal(merged, ref) and torch.equal(s, ref_s) and (delta is None) == (r == 0)
-    branch = torch.randn(3, 19 - r, 5, generator=g, dtype=torch.float64)
-    y = x + 2.0 * unmerge(branch, m)  # a token-wise function of unmerged rows: equal on every group
-    torch.testing.assert_close(remerge(y, m, delta), merge(y, m, size)[0], rtol=1e-12, atol=1e-12)
-    # a branch that differs inside a group is not what remerge is for: its result differs from merge()
-    if r:
-        y_bad = x + torch.randn(x.shape, generator=g, dtype=torch.float64)
-        assert not torch.allclose(remerge(y_bad, m, delta), merge(y_bad, m, size)[0])
-
-
-def test_remerge_rejects_extra_slots_and_wrong_lengths():
-    m = prune_by_score(torch.tensor([[0.0, 0.9, 0.5, 0.1, 0.2]]), 1, 2, True)  # fused: one extra slot
-    assert m.extra == 1
-    with pytest.raises(ValueError, match="extra slots"):
-        remerge(torch.randn(1, 5, 2), m, None)
-    m0 = bipartite_match(torch.randn(1, 7, 3), *split_alternate(7, 1), 2)
-    with pytest.raises(ValueError, match="6 tokens but the match was computed for 7"):
-        remerge(torch.randn(1, 6, 2), m0, None)
-
-
 def test_bipartite_rejects_too_large_r():
     a, b = split_alternate(9, 1)
     with pytest.raises(ValueError, match="r <= 4"):
@@ -138,7 +108,7 @@ def test_cls_attention_against_softmax():
     torch.testing.assert_close(cls_attention(q[:, :, :1], k, 0.5, bias).double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_merge_and_remerge_gradients_match_finite_differences():
+def test_merge_gradients_match_finite_differences():
     """merge() adds into its gather in place; autograd must still see the weighted mean (float64 gradcheck)."""
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 11, 3, dtype=torch.float64, generator=g, requires_grad=True)
@@ -146,8 +116,8 @@ def test_merge_and_remerge_gradients_match_finite_differences():
     m = bipartite_match(torch.randn(2, 11, 4, dtype=torch.float64, generator=g), *split_alternate(11, 1), 3)
     assert torch.autograd.gradcheck(lambda t: merge(t, m, size)[0], (x,))
 
-    def block(t):  # the timm adapter's pattern: merged MLP input, unmerged branch, re-merged output
-        mt, _, delta = merge_parts(t, m, size)
-        return remerge(t + unmerge(mt.tanh(), m), m, delta)
+    def block(t):  # the timm adapter's pattern: the merged residual plus a branch computed on it
+        mt = merge(t, m, size)[0]
+        return mt + mt.tanh()
 
     assert torch.autograd.gradcheck(block, (x,))

@@ -190,6 +190,10 @@ def test_bad_input_errors_name_the_model():
         ve.apply(conv, ve.TokenMerge(r=2))
     with pytest.raises(ve.UnsupportedModelError, match="needs r="):
         ve.apply(model, ve.TokenMerge())
+    shared = tiny("vit")
+    shared.blocks[2].drop_path2 = shared.blocks[1].drop_path2  # one module, hooked twice, would mix two blocks
+    with pytest.raises(ve.UnsupportedModelError, match=r"blocks\[2\].drop_path2 is the same module as blocks\[1\]"):
+        ve.apply(shared, ve.TokenMerge(r=2))
     nocls = tiny("avgpool_no_cls")
     with pytest.raises(ve.UnsupportedModelError, match="no class token"):
         ve.apply(nocls, ve.TokenPrune())

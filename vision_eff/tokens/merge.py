@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Match", "bipartite_match", "split_alternate", "merge", "merge_parts", "remerge", "unmerge", "compose",
-           "reduction", "take"]
+__all__ = ["Match", "bipartite_match", "split_alternate", "merge", "unmerge", "compose", "reduction", "take"]
 
 
 @dataclass(frozen=True)
@@ -179,18 +178,6 @@ def merge(x: torch.Tensor, match: Match, size: torch.Tensor | None = None) -> tu
     returned sizes [B, K+extra, 1] sum, per sample, to the input sizes of the tokens kept or folded
     (all of them unless tokens were dropped). A token that nothing is folded into comes out unchanged.
     """
-    out, s_out, _ = merge_parts(x, match, size)
-    return out, s_out
-
-
-def merge_parts(x: torch.Tensor, match: Match, size: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """:func:`merge`, and the corrections it added to the kept rows: ``(x_out, size_out, delta)``.
-
-    ``x_out`` is ``take(x, keep)`` plus ``delta`` [B, S, C] added into the slots ``match.dst``
-    (``delta`` is None when nothing is folded). :func:`remerge` reuses ``delta`` to merge ``x + r``
-    for an ``r`` that is constant on every group (a token-wise branch of unmerged tokens).
-    """
     bsz, n, c = x.shape
     if n != match.num_in:
         raise ValueError(f"x has {n} tokens but the match was computed for {match.num_in}")
@@ -203,13 +190,13 @@ def merge_parts(x: torch.Tensor, match: Match, size: torch.Tensor | None = None
         out = torch.cat([out, out.new_zeros(bsz, match.extra, c)], dim=1)
         s_out = torch.cat([s_out, s_out.new_zeros(bsz, match.extra, 1)], dim=1)
     if match.src.shape[1] == 0:
-        return out, s_out, None
+        return out, s_out
     # out_j = x_j + sum_i s_i (x_i - x_j) / S_j: the weighted mean, and exactly x_j where nothing is added
     s_src = size.gather(1, match.src.unsqueeze(-1))
     s_out = s_out.scatter_add(1, match.dst.unsqueeze(-1), s_src)
     weight = s_src / s_out.gather(1, match.dst.unsqueeze(-1))
     delta = weight * (take(x, match.src) - take(out, match.dst))
-    return _add_into(out, match.dst, delta), s_out, delta
+    return _add_into(out, match.dst, delta), s_out
 
 
 def _add_into(out: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -219,22 +206,6 @@ def _add_into(out: torch.Tensor, dst: torch.Tensor, delta: torch.Tensor) -> torc
     bsz, k, c = out.shape
     out.view(bsz * k, c).index_add_(0, _flat(dst, k), delta.reshape(-1, c))
     return out
-
-
-def remerge(y: torch.Tensor, match: Match, delta: torch.Tensor | None) -> torch.Tensor:
-    """``merge(y, match, size)[0]`` for ``y = x + r`` where ``delta`` came from ``merge_parts(x, match, size)``
-    and ``r`` is equal on all tokens of each group (e.g. a token-wise function of ``unmerge(...)``).
-
-    Then every group's mean is ``mean(x) + r`` and ``y[keep] = x[keep] + r``, so the merge is the kept rows
-    of ``y`` plus the same corrections: one gather and ``S`` row additions instead of a full merge.
-    Needs a match without extra slots (an appended slot has no kept row to carry ``r``).
-    """
-    if match.extra:
-        raise ValueError("remerge needs a match without extra slots (use merge())")
-    if y.shape[1] != match.num_in:
-        raise ValueError(f"y has {y.shape[1]} tokens but the match was computed for {match.num_in}")
-    out = take(y, match.keep)
-    return out if delta is None else _add_into(out, match.dst, delta.to(out.dtype))
 
 
 def unmerge(x: torch.Tensor, match: Match) -> torch.Tensor:

@@ -10,12 +10,11 @@ The block's own forward runs unchanged; around it:
   additive mask), which timm's attention hands to SDPA (or to our attention op when it is swapped
   in by :mod:`vision_eff.vit.attention`);
 - the MLP branch runs on reduced tokens: a pre-hook on ``norm2`` (``mlp`` for post-norm blocks)
-  merges its input, a hook on ``mlp`` unmerges its output back to the block's token count, and the
-  wrapped block forward merges the block's output. Because merging is a weighted mean (linear),
-  ``merge(y + unmerge(m)) == merge(y) + m``: exactly the merged residual stream of ToMe, for every
-  residual form (LayerScale, gamma, drop-path, post-norm) without knowing it. That output merge reuses
-  the MLP input's (``remerge``: the branch is equal on every token of a group, so the merge is the
-  kept rows plus the same corrections);
+  merges its input ``y`` (the residual stream after attention). Every supported block ends in
+  ``y + drop_path2(branch)``, whatever the branch holds (LayerScale, EVA's gamma, a post-norm), so a
+  hook on ``drop_path2`` keeps the branch (computed on the reduced tokens) and hands timm's add a
+  broadcast zero; the wrapped block forward returns ``merge(y) + branch``, exactly ToMe's merged
+  residual stream, without unmerging the branch to the block's token count or merging the sum;
 - RoPE models (EVA-02): each token keeps one representative position; the block gets the rotary
   embedding gathered at those positions;
 - after the last block, merged tokens are unmerged back to the original token count, so
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .merge import Match, bipartite_match, compose, merge, merge_parts, remerge, split_alternate, take, unmerge
+from .merge import Match, bipartite_match, compose, merge, split_alternate, take
 from .prune import cls_attention, prune_by_score, pruned_count
 
 __all__ = ["supports_timm", "apply_timm", "merge_schedule", "max_constant_r"]
@@ -70,10 +69,20 @@ def supports_timm(model: Any, cfg: Any) -> str | None:
         if type(blk) not in kinds:
             return (f"{name}.blocks[{i}] is a {type(blk).__name__}; token reduction supports "
                     f"{', '.join(k.__name__ for k in kinds)} blocks")
+        if not isinstance(getattr(blk, "drop_path2", None), nn.Module):
+            return f"{name}.blocks[{i}] has no drop_path2 module (the end of its MLP branch)"
         attn = getattr(blk, "attn", None)
         for sub in ("q_norm", "k_norm"):
             if not isinstance(getattr(attn, sub, None), nn.Module):
                 return f"{name}.blocks[{i}].attn ({type(attn).__name__}) has no {sub} module to read keys from"
+    hooked = [(i, sub, m) for i, blk in enumerate(blocks)
+              for sub, m in (("attn.q_norm", blk.attn.q_norm), ("attn.k_norm", blk.attn.k_norm),
+                             (kinds[type(blk)], getattr(blk, kinds[type(blk)])), ("drop_path2", blk.drop_path2))]
+    seen: dict[int, str] = {}
+    for i, sub, m in hooked:
+        where = seen.setdefault(id(m), f"blocks[{i}].{sub}")
+        if where != f"blocks[{i}].{sub}":
+            return f"{name}.blocks[{i}].{sub} is the same module as {where}; token reduction hooks each block's own"
     other = {"token_merge": "token_prune", "token_prune": "token_merge"}[cfg.key]
     from .._patching import _ACTIVE
 
@@ -190,8 +199,9 @@ class _State:
         self.match: Match | None = None
         self.q_cls: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
-        self.mlp_size: torch.Tensor | None = None  # the merged sizes and corrections of this block's MLP input
-        self.mlp_delta: torch.Tensor | None = None
+        self.mlp_x: torch.Tensor | None = None  # this block's reduced MLP input, its sizes, and the MLP branch
+        self.mlp_size: torch.Tensor | None = None
+        self.branch: torch.Tensor | None = None
 
     def plan(self, n: int) -> list:
         if n not in self.plans:
@@ -252,19 +262,22 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
     def mlp_in_hook(mod, args):
         if st.match is None:
             return None
-        x, st.mlp_size, st.mlp_delta = merge_parts(args[0], st.match, st.size)
-        return (x, *args[1:])
+        st.mlp_x, st.mlp_size = merge(args[0], st.match, st.size)
+        return (st.mlp_x, *args[1:])
 
-    def mlp_out_hook(mod, args, out):
+    def branch_hook(mod, args, out):
+        # the MLP branch's last step, on the reduced tokens: keep it for the block's output, and hand
+        # the block's residual add a broadcast zero, whose sum (the unreduced residual) is discarded
         if st.match is None:
             return None
-        return unmerge(out, st.match)
+        st.branch = out
+        return out.new_zeros((1,) * out.dim())
 
     if not st.is_merge:
         handle.add_hook(attn.q_norm.register_forward_hook(q_hook))
     handle.add_hook(attn.k_norm.register_forward_hook(k_hook))
     handle.add_hook(getattr(blk, mlp_in).register_forward_pre_hook(mlp_in_hook))
-    handle.add_hook(blk.mlp.register_forward_hook(mlp_out_hook))
+    handle.add_hook(blk.drop_path2.register_forward_hook(branch_hook))
 
     def make(orig):
         def forward(x, *args, **kwargs):
@@ -273,7 +286,7 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
                 st.plan(st.n0)
             st.match = None
             st.bias = None
-            st.mlp_size = st.mlp_delta = None
+            st.mlp_x = st.mlp_size = st.branch = None
             if st.size is not None and st.cfg.prop_attn:
                 st.bias = st.size.transpose(1, 2).log().unsqueeze(1)  # [B, 1, 1, N]
                 if kwargs.get("attn_mask") is not None or kwargs.get("is_causal"):
@@ -285,12 +298,12 @@ def _install_block(i: int, last: int, blk: nn.Module, mlp_in: str, st: _State, h
             out = orig(x, *args, **kwargs)
             m = st.match
             if m is not None:
-                if st.mlp_size is not None and not m.extra:
-                    # the block's output is its MLP input plus a token-wise branch of unmerged (so per-group
-                    # equal) rows: its merge is the kept rows plus the MLP input's merge corrections
-                    out, st.size = remerge(out, m, st.mlp_delta), st.mlp_size
-                else:
-                    out, st.size = merge(out, m, st.size)
+                if st.branch is None:
+                    raise RuntimeError(f"{st.name}.blocks[{i}] ran without its MLP branch ({mlp_in} -> drop_path2); "
+                                       "token reduction needs the residual block layout of timm's blocks")
+                # timm's output is the branch's input plus a broadcast zero (branch_hook): the reduced output
+                # is the reduced input plus the branch computed on it
+                out, st.size = st.mlp_x + st.branch, st.mlp_size
                 st.origin = m.rep if st.origin is None else st.origin.gather(1, m.rep)
                 if st.is_merge:
                     st.inv_total = compose(st.inv_total, m)
