@@ -91,7 +91,7 @@ def test_slice_bound_has_the_merged_models_token_counts_and_flops():
     assert slice_bound(tiny("res_post"), rs) is None
 
 
-def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path):
+def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path, monkeypatch):
     """The profiler's addmm FLOPs against a by-hand count (2 * rows * in * out per nn.Linear call)."""
     import timm
 
@@ -113,8 +113,10 @@ def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path)
     assert flops == sum(by_hand) and secs > 0
 
     out = tmp_path / "vit.md"
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # allocator settings move CPU timings: the command keeps them
     assert main(["--smoke", "--skip-builtin", "--iters", "1", "--batches", "1", "--r", "4,9999", "--profile",
                  "--slice-bound", "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
+    assert "- command: `MALLOC_ARENA_MAX=2 vision-eff bench vit --smoke --skip-builtin" in out.read_text()
     main_table = out.read_text().split("### Where the time goes")[0]
     line = next(line for line in main_table.splitlines() if line.startswith("| vit_small"))
     row = [cell.strip() for cell in line.split("|")[1:-1]]
@@ -122,5 +124,27 @@ def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path)
     assert row[7].endswith("x)") and row[11] == ""  # r=4 has a slice bound; r=9999 (too large) a blank cell
     section = out.read_text().split("### Where the time goes")[1]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| vit_small")]
-    assert any("aten::addmm" in r[2] for r in rows) and rows[-1][2] == "total (all ops)"
+    assert any("aten::addmm" in r[2] for r in rows) and rows[-3][2] == "total (all ops)"
     assert all(len(r) == 3 + 2 * 3 for r in rows)  # unpatched, r=4 and r=9999 (blank: too large) columns
+    assert [r[2] for r in rows[-2:]] == ["system (kernel) time, no profiler", "minor page faults (count), no profiler"]
+
+
+def test_kernel_cost_counts_the_page_faults_of_fresh_memory():
+    """A forward that writes a fresh 64 MiB buffer (above glibc's largest mmap threshold, so mapped and unmapped
+    on every call) faults at least once per 2 MiB (huge pages) and far more than a forward that allocates nothing."""
+    import resource  # noqa: F401  (POSIX: the bench's kernel_cost needs it)
+
+    from vision_eff.vit.bench import kernel_cost
+
+    class Fresh(torch.nn.Module):
+        def forward(self, x):
+            return torch.ones(16 * 2**20).sum() + x
+
+    class Nothing(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    x = torch.zeros(1)
+    sys_fresh, faults_fresh = kernel_cost(Fresh(), x, iters=3)
+    _, faults_nothing = kernel_cost(Nothing(), x, iters=3)
+    assert faults_fresh >= 64 * 2**20 / 2**21 and faults_fresh > faults_nothing + 16 and sys_fresh >= 0

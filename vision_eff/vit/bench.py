@@ -302,15 +302,34 @@ def op_profile(model: torch.nn.Module, x: torch.Tensor, iters: int = 3) -> dict[
     return {e.key: (e.self_cpu_time_total / 1e6 / iters, (e.flops or 0) / iters) for e in prof.key_averages()}
 
 
+def kernel_cost(model: torch.nn.Module, x: torch.Tensor, iters: int = 3) -> tuple[float, float]:
+    """``(system seconds, minor page faults)`` of this process per forward, over ``iters`` forwards after two
+    warm-ups, without the profiler (``getrusage``; POSIX only). Memory the allocator hands back to the system
+    and takes again costs a page fault per page on first touch, which the op profile books to whichever op
+    writes the fresh buffer first."""
+    import resource
+
+    with torch.inference_mode():
+        model(x), model(x)
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(iters):
+            model(x)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return (r1.ru_stime - r0.ru_stime) / iters, (r1.ru_minflt - r0.ru_minflt) / iters
+
+
 def _profile_rows(name: str, b: int, model, x, rs: list[int], supported, top: int = 6) -> list[list[Any]]:
     """Rows of the op profile: the unpatched model and TokenMerge(r) side by side (blank cells where r does not
-    apply), the ``top`` ops of each setting, with GFLOP/s where torch counts the op's FLOPs."""
+    apply), the ``top`` ops of each setting, with GFLOP/s where torch counts the op's FLOPs; then two rows from
+    :func:`kernel_cost`: system time (ms) and minor page faults (count, in the ms column) per forward."""
     prof = {0: op_profile(model, x)}
+    cost = {0: kernel_cost(model, x)}
     for r in rs:
-        prof[r] = {}
+        prof[r], cost[r] = {}, None
         if r in supported:
             with ve.patched(model, ve.TokenMerge(r=r)):
                 prof[r] = op_profile(model, x)
+                cost[r] = kernel_cost(model, x)
     ops = []
     for p in prof.values():
         ops += [k for k, _ in sorted(p.items(), key=lambda kv: -kv[1][0])[:top] if k not in ops]
@@ -320,8 +339,13 @@ def _profile_rows(name: str, b: int, model, x, rs: list[int], supported, top: in
         secs, fl = p.get(op, (0.0, 0.0)) if op else (sum(s for s, _ in p.values()), 0.0)
         return [f"{1e3 * secs:.1f}", f"{fl / secs / 1e9:.0f}" if fl and secs else ""]
 
-    return [[name, b, op or "total (all ops)"] + [c for p in prof.values() for c in cells(p, op)]
+    rows = [[name, b, op or "total (all ops)"] + [c for p in prof.values() for c in cells(p, op)]
             for op in [*ops, None]]
+    rows.append([name, b, "system (kernel) time, no profiler"]
+                + [c for k in cost.values() for c in ([f"{1e3 * k[0]:.1f}", ""] if k else ["", ""])])
+    rows.append([name, b, "minor page faults (count), no profiler"]
+                + [c for k in cost.values() for c in ([f"{k[1]:.0f}", ""] if k else ["", ""])])
+    return rows
 
 
 def bench_timm(args, lines: list[str]) -> None:
@@ -401,7 +425,11 @@ def bench_timm(args, lines: list[str]) -> None:
             header += [f"r={r} ms", f"r={r} GFLOP/s"]
         lines += ["### Where the time goes", "",
                   "torch's profiler, self time per forward (mean of 3 after 2 warm-ups), the heaviest ops of each "
-                  "setting; GFLOP/s where the profiler counts the op's FLOPs.", ""]
+                  "setting; GFLOP/s where the profiler counts the op's FLOPs. The last two rows come from getrusage "
+                  "without the profiler (mean of 3 forwards after 2 warm-ups): the process's system time and its "
+                  "minor page faults per forward, the count in the ms column. Freed memory that the allocator "
+                  "gives back to the system faults in again page by page when it is next written, and the "
+                  "profiler books that to whichever op writes first.", ""]
         lines += _table(header, prof_rows)
         lines.append("")
 
@@ -432,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..gallery import command_line
 
     command = command_line("vision-eff bench vit", argv)
+    # the allocator's settings move CPU timings (page faults, see kernel_cost): keep them in the command
+    alloc_env = [f"{k}={v}" for k, v in sorted(os.environ.items())
+                 if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")]
+    command = " ".join([*alloc_env, command.strip()])
     lines = ["# vision-eff bench vit", "", *_environment(), f"- command: `{command.strip()}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
