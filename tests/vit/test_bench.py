@@ -7,7 +7,7 @@ import torch
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "vit.md"
-    rc = main(["--smoke", "--iters", "1", "--batches", "1", "--r", "4", "--models", "vit_small_patch16_224",
+    rc = main(["--smoke", "--system-allocator", "--iters", "1", "--batches", "1", "--r", "4", "--models", "vit_small_patch16_224",
                "--builtin-batch", "4", "--out", str(out), "--gallery", str(tmp_path / "g")])
     assert rc == 0
     text = out.read_text()
@@ -114,9 +114,10 @@ def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path,
 
     out = tmp_path / "vit.md"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # allocator settings move CPU timings: the command keeps them
-    assert main(["--smoke", "--skip-builtin", "--iters", "1", "--batches", "1", "--r", "4,9999", "--profile",
+    assert main(["--smoke", "--system-allocator", "--skip-builtin", "--iters", "1", "--batches", "1", "--r", "4,9999", "--profile",
                  "--slice-bound", "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
-    assert "- command: `MALLOC_ARENA_MAX=2 vision-eff bench vit --smoke --skip-builtin" in out.read_text()
+    assert "- command: `MALLOC_ARENA_MAX=2 vision-eff bench vit --smoke --system-allocator --skip-builtin" in out.read_text()
+    assert "- allocator: as the system set it" in out.read_text()
     main_table = out.read_text().split("### Where the time goes")[0]
     line = next(line for line in main_table.splitlines() if line.startswith("| vit_small"))
     row = [cell.strip() for cell in line.split("|")[1:-1]]
@@ -148,3 +149,29 @@ def test_kernel_cost_counts_the_page_faults_of_fresh_memory():
     sys_fresh, faults_fresh = kernel_cost(Fresh(), x, iters=3)
     _, faults_nothing = kernel_cost(Nothing(), x, iters=3)
     assert faults_fresh >= 64 * 2**20 / 2**21 and faults_fresh > faults_nothing + 16 and sys_fresh >= 0
+
+
+def test_keep_freed_memory_removes_the_page_faults_of_fresh_memory():
+    """In a fresh process (mallopt is process-wide): the 64 MiB forward above faults on every call before, and
+    hardly at all once glibc keeps freed memory and its heap has grown to size."""
+    import subprocess
+    import sys
+
+    code = """
+import torch
+from vision_eff._timing import keep_freed_memory
+from vision_eff.vit.bench import kernel_cost
+class Fresh(torch.nn.Module):
+    def forward(self, x):
+        return torch.ones(16 * 2**20).sum() + x
+x = torch.zeros(1)
+before = kernel_cost(Fresh(), x, iters=3)[1]
+line = keep_freed_memory()
+kernel_cost(Fresh(), x, iters=3)  # the heap grows to its steady size over the first few calls
+after = kernel_cost(Fresh(), x, iters=3)[1]
+print(before, after, line)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    before, after = float(out[0]), float(out[1])
+    assert " ".join(out[2:]).startswith("glibc malloc keeps freed memory")
+    assert before >= 32 and after < 16
