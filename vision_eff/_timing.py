@@ -46,9 +46,9 @@ def keep_freed_memory() -> str | None:
     By default glibc serves large blocks (a ViT's activations) with mmap, returns them to the system on
     free and trims the heap, so the next allocation faults its pages in again one by one. How often that
     happens depends on what ran just before: timing two models in alternation makes each pay page faults
-    that a model served on its own does not (on the 2-core machine: 40-50 thousand faults per ViT-B batch-8
-    forward, and 15% of the built-in ViT's unpatched time at batch 64). Applied once per process; the
-    process then never gives memory back. Returns a line saying what was set, or None off glibc.
+    that a model served on its own does not, unevenly between them (README: "The allocator"). Applied
+    once per process; the process then never gives memory back. Returns a line saying what was set, or
+    None off glibc.
     """
     import ctypes
     import ctypes.util
