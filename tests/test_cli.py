@@ -36,7 +36,20 @@ def run_cli(*args):
     (["zoo", "train", "shapes-classifier", "--loss", "mse"], "--loss is for the diffusion models"),
     (["zoo", "train", "shapes-pixart", "--repa"], "are for shapes-dit, not shapes-pixart"),
 ])
-def test_bad_input_one_line_exit_2(args, needle):
+def test_bad_input_one_line_exit_2(args, needle, capsys):
+    """In process (a fresh interpreter per case costs seconds of imports); the entry point itself is checked
+    in a subprocess below."""
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln]
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--steps", "0"], "--steps must be >= 1"),
+    (["zoo", "train", "shapes-unet", "--init-from", "/nonexistent.safetensors"], "no weights file"),
+])
+def test_bad_input_one_line_exit_2_from_the_entry_point(args, needle):
     r = run_cli(*args)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln]

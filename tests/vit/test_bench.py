@@ -1,8 +1,11 @@
 """`vision-eff bench vit --smoke` runs end to end and writes its table and picture."""
 from __future__ import annotations
 
-from vision_eff.vit.bench import agreement, main
+from pathlib import Path
+
 import torch
+
+from vision_eff.vit.bench import agreement, main
 
 
 def test_bench_smoke(tmp_path):
@@ -152,25 +155,26 @@ def test_kernel_cost_counts_the_page_faults_of_fresh_memory():
 
 
 def test_keep_freed_memory_removes_the_page_faults_of_fresh_memory():
-    """In a fresh process (mallopt is process-wide): the 64 MiB forward above faults on every call before, and
-    hardly at all once glibc keeps freed memory and its heap has grown to size."""
+    """In a fresh process (mallopt is process-wide): writing a fresh 64 MiB buffer faults on every call before,
+    and hardly at all once glibc keeps freed memory and its heap has grown to size."""
     import subprocess
     import sys
 
     code = """
-import torch
-from vision_eff._timing import keep_freed_memory
-from vision_eff.vit.bench import kernel_cost
-class Fresh(torch.nn.Module):
-    def forward(self, x):
-        return torch.ones(16 * 2**20).sum() + x
-x = torch.zeros(1)
-before = kernel_cost(Fresh(), x, iters=3)[1]
-line = keep_freed_memory()
-kernel_cost(Fresh(), x, iters=3)  # the heap grows to its steady size over the first few calls
-after = kernel_cost(Fresh(), x, iters=3)[1]
-print(before, after, line)
-"""
+import importlib.util, resource, torch
+spec = importlib.util.spec_from_file_location("timing", {path!r})  # the module alone, not the package
+timing = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(timing)
+def faults():  # minor page faults of the last of 3 calls that write a fresh 64 MiB buffer
+    for _ in range(3):
+        r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
+before = faults()
+line = timing.keep_freed_memory()
+faults()  # the heap grows to its steady size over the first few calls
+print(before, faults(), line)
+""".format(path=str(Path(__file__).parents[2] / "vision_eff" / "_timing.py"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     before, after = float(out[0]), float(out[1])
     assert " ".join(out[2:]).startswith("glibc malloc keeps freed memory")
