@@ -40,7 +40,10 @@ def test_bad_input_one_line_exit_2(args, needle, capsys):
     """In process (a fresh interpreter per case costs seconds of imports); the entry point itself is checked
     in a subprocess below."""
     assert cli.main(args) == 2
-    err = capsys.readouterr().err
+    assert_one_error_line(capsys.readouterr().err, needle)
+
+
+def assert_one_error_line(err: str, needle: str) -> None:
     lines = [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln]
     assert len(lines) == 1 and needle in lines[0], err
 
@@ -52,8 +55,7 @@ def test_bad_input_one_line_exit_2(args, needle, capsys):
 def test_bad_input_one_line_exit_2_from_the_entry_point(args, needle):
     r = run_cli(*args)
     assert r.returncode == 2, r.stderr
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and "Warning" not in ln]
-    assert len(lines) == 1 and needle in lines[0], r.stderr
+    assert_one_error_line(r.stderr, needle)
     assert "Traceback" not in r.stderr
 
 

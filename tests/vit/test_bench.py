@@ -10,8 +10,8 @@ from vision_eff.vit.bench import agreement, main
 
 def test_bench_smoke(tmp_path):
     out = tmp_path / "vit.md"
-    rc = main(["--smoke", "--system-allocator", "--iters", "1", "--batches", "1", "--r", "4", "--models", "vit_small_patch16_224",
-               "--builtin-batch", "4", "--out", str(out), "--gallery", str(tmp_path / "g")])
+    rc = main(["--smoke", "--system-allocator", "--iters", "1", "--batches", "1", "--r", "4",
+               "--models", "vit_small_patch16_224", "--builtin-batch", "4", "--out", str(out), "--gallery", str(tmp_path / "g")])
     assert rc == 0
     text = out.read_text()
     assert "TokenMerge(r=16)" in text and "vit_small_patch16_224" in text and "command:" in text
@@ -117,16 +117,17 @@ def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path,
 
     out = tmp_path / "vit.md"
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")  # allocator settings move CPU timings: the command keeps them
-    assert main(["--smoke", "--system-allocator", "--skip-builtin", "--iters", "1", "--batches", "1", "--r", "4,9999", "--profile",
-                 "--slice-bound", "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
-    assert "- command: `MALLOC_ARENA_MAX=2 vision-eff bench vit --smoke --system-allocator --skip-builtin" in out.read_text()
-    assert "- allocator: as the system set it" in out.read_text()
-    main_table = out.read_text().split("### Where the time goes")[0]
+    assert main(["--smoke", "--system-allocator", "--skip-builtin", "--iters", "1", "--batches", "1",
+                 "--r", "4,9999", "--profile", "--slice-bound", "--models", "vit_small_patch16_224", "--out", str(out), "--gallery", ""]) == 0
+    text = out.read_text()
+    assert "- command: `MALLOC_ARENA_MAX=2 vision-eff bench vit --smoke --system-allocator --skip-builtin" in text
+    assert "- allocator: as the system set it" in text
+    main_table = text.split("### Where the time goes")[0]
     line = next(line for line in main_table.splitlines() if line.startswith("| vit_small"))
     row = [cell.strip() for cell in line.split("|")[1:-1]]
     assert len(row) == 4 + 2 * 4  # per r: GFLOPs, img/s, agreement, slice bound
     assert row[7].endswith("x)") and row[11] == ""  # r=4 has a slice bound; r=9999 (too large) a blank cell
-    section = out.read_text().split("### Where the time goes")[1]
+    section = text.split("### Where the time goes")[1]
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| vit_small")]
     assert any("aten::addmm" in r[2] for r in rows) and rows[-3][2] == "total (all ops)"
     assert all(len(r) == 3 + 2 * 3 for r in rows)  # unpatched, r=4 and r=9999 (blank: too large) columns
@@ -136,8 +137,6 @@ def test_op_profile_counts_the_linear_layers_flops_and_profile_section(tmp_path,
 def test_kernel_cost_counts_the_page_faults_of_fresh_memory():
     """A forward that writes a fresh 64 MiB buffer (above glibc's largest mmap threshold, so mapped and unmapped
     on every call) faults at least once per 2 MiB (huge pages) and far more than a forward that allocates nothing."""
-    import resource  # noqa: F401  (POSIX: the bench's kernel_cost needs it)
-
     from vision_eff.vit.bench import kernel_cost
 
     class Fresh(torch.nn.Module):

@@ -341,10 +341,10 @@ def _profile_rows(name: str, b: int, model, x, rs: list[int], supported, top: in
 
     rows = [[name, b, op or "total (all ops)"] + [c for p in prof.values() for c in cells(p, op)]
             for op in [*ops, None]]
-    rows.append([name, b, "system (kernel) time, no profiler"]
-                + [c for k in cost.values() for c in ([f"{1e3 * k[0]:.1f}", ""] if k else ["", ""])])
-    rows.append([name, b, "minor page faults (count), no profiler"]
-                + [c for k in cost.values() for c in ([f"{k[1]:.0f}", ""] if k else ["", ""])])
+    for label, i, scale, fmt in (("system (kernel) time, no profiler", 0, 1e3, ".1f"),
+                                 ("minor page faults (count), no profiler", 1, 1, ".0f")):
+        rows.append([name, b, label] + [c for k in cost.values()
+                                        for c in ([f"{scale * k[i]:{fmt}}", ""] if k else ["", ""])])
     return rows
 
 
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     allocator = None if args.system_allocator else keep_freed_memory()
     lines = ["# vision-eff bench vit", "", *_environment(),
              f"- allocator: {allocator or 'as the system set it (nothing changed)'}",
-             f"- command: `{command.strip()}`", ""]
+             f"- command: `{command}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not args.skip_builtin:
