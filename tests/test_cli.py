@@ -82,8 +82,9 @@ def test_zoo_list(capsys):
 
 def test_generate_small_end_to_end(tmp_path, capsys):
     rc = cli.main(["generate", "--out", str(tmp_path), "--eval-samples", "16", "--per-class", "2",
-                   "--steps", "3", "--labels", "0", "1"])
+                   "--steps", "3", "--labels", "0", "1", "--system-allocator"])  # mallopt is process-wide
     assert rc == 0
     out = capsys.readouterr().out
-    assert "diffusers default" in out and "FD" in out
+    assert "diffusers default" in out and "FD" in out and "allocator: as the system set it" in out
+    assert "Allocator, for both: as the system set it" in (tmp_path / "shapes-unet-generate.md").read_text()
     assert (tmp_path / "shapes-unet-generate.png").exists() and (tmp_path / "shapes-unet-generate.md").exists()

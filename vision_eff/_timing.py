@@ -1,6 +1,7 @@
 """Timing in alternation: every setting once per round, so machine drift hits all settings alike.
 
-Shared by ``vision-eff bench vit`` and ``vision-eff bench diffusion --rounds``.
+Shared by ``vision-eff bench vit`` and ``vision-eff bench diffusion --rounds``; the allocator option
+(:func:`add_allocator_option`, :func:`set_allocator`) also by ``vision-eff generate``.
 """
 from __future__ import annotations
 
@@ -61,3 +62,19 @@ def keep_freed_memory() -> str | None:
     if mallopt is None or not (mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
         return None
     return "glibc malloc keeps freed memory (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)"
+
+
+SYSTEM_ALLOCATOR = "as the system set it (nothing changed)"
+
+
+def add_allocator_option(parser) -> None:
+    """``--system-allocator`` on a timing command's argparse parser (read back by :func:`set_allocator`)."""
+    parser.add_argument(
+        "--system-allocator", action="store_true",
+        help="leave glibc's allocator as it is; by default this command makes it keep freed memory, since its "
+             "returns to the system make every model pay page faults again (see vision_eff._timing.keep_freed_memory)")
+
+
+def set_allocator(system_allocator: bool) -> str:
+    """Keep freed memory unless ``system_allocator``; returns the ``allocator:`` line a result file records."""
+    return (None if system_allocator else keep_freed_memory()) or SYSTEM_ALLOCATOR

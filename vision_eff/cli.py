@@ -15,6 +15,8 @@ import importlib
 import sys
 from pathlib import Path
 
+from ._timing import add_allocator_option
+
 # `vision-eff bench NAME args...` -> module.main(args)
 BENCHES = {
     "samplers": ("vision_eff.samplers.bench", "fast ODE samplers vs diffusers' schedulers (oracle + built-in models)"),
@@ -76,6 +78,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: gallery/)")
     p.add_argument("--no-compare", action="store_true", help="skip the diffusers-default reference run")
+    add_allocator_option(p)
 
 
 def _add_zoo(sub) -> None:

@@ -7,6 +7,7 @@ numbers, the machine, the commit and the exact command that made it.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import re
 import shlex
@@ -39,8 +40,12 @@ def git_commit(short: bool = True) -> str:
 
 
 def command_line(prog: str, argv: Sequence[str] | None = None) -> str:
-    """``prog`` and its arguments (``sys.argv[1:]`` by default), shell-quoted so the line can be rerun."""
-    return " ".join([prog, *(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))])
+    """``prog`` and its arguments (``sys.argv[1:]`` by default), shell-quoted so the line can be rerun, after
+    the allocator's environment variables that are set (GLIBC_TUNABLES, LD_PRELOAD, MALLOC_*): they move CPU
+    timings (page faults, see ``vision_eff._timing.keep_freed_memory``)."""
+    env = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())
+           if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")]
+    return " ".join([*env, prog, *(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))])
 
 
 def provenance(command: str | None = None) -> str:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
+from ._timing import set_allocator
 from .gallery import GALLERY, check_writable, labelled_panels, markdown_table, provenance, update_section
 from .zoo import CLASSES, NUM_CLASSES, load_pipeline
 from .zoo.pipeline import as_labels
@@ -145,6 +146,8 @@ def run(args) -> int:
     guidance = DEFAULT_GUIDANCE if args.guidance is None else args.guidance
     n = max(args.eval_samples, args.per_class * len(classes))
     labels = balanced_labels(n, classes)
+    allocator = set_allocator(getattr(args, "system_allocator", False))
+    print(f"allocator: {allocator}")
     pipe = load_pipeline(args.model)
     fast = fast_configuration(args.model, args.steps, getattr(args, "cache_interval", None))
     configs = [fast] if args.no_compare else [reference_configuration(), fast]
@@ -171,7 +174,8 @@ def run(args) -> int:
     section = (f"## Main job: {args.model}\n\n![{args.model} grid]({grid_path.name})\n\n{rows_note}.\n\n{table}\n\n"
                f"{n} images per configuration (class-balanced, guidance {guidance}); FD against the {evaluator.reference_size}-image "
                f"held-out split; real-vs-real FD floor at n={n}: **{floor:.3g}**. "
-               f"Fast configuration: {fast.note}. PSNR/SSIM: fast vs diffusers default from the same noise.\n\n"
+               f"Fast configuration: {fast.note}. PSNR/SSIM: fast vs diffusers default from the same noise. "
+               f"Allocator, for both: {allocator}.\n\n"
                f"Made by {provenance()}.")
     if out_dir.resolve() == GALLERY.resolve():
         update_section(f"generate-{args.model}", section)

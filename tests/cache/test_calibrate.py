@@ -94,7 +94,9 @@ def test_bench_runs_a_calibrated_setting(tmp_path):
 
     out = tmp_path / "d.md"
     assert main(["--n", "2", "--batch", "2", "--steps", "10", "--no-eval", "--models", "shapes-unet",
-                 "--only", "calibrated 8 full steps, order 1", "--out", str(out), "--gallery", str(tmp_path)]) == 0
+                 "--only", "calibrated 8 full steps, order 1", "--out", str(out), "--gallery", str(tmp_path),
+                 "--system-allocator"]) == 0  # mallopt is process-wide: leave pytest's allocator alone
+    assert "Allocator: as the system set it (nothing changed)." in out.read_text()
     rows = [line for line in out.read_text().splitlines() if line.startswith("| StepCache calibrated 8")]
     assert len(rows) == 2  # with and without merging
     assert (tmp_path / "unet.png").exists()

@@ -27,7 +27,7 @@ import torch
 
 import vision_eff as ve
 
-from .._timing import interleaved_rounds
+from .._timing import SYSTEM_ALLOCATOR, add_allocator_option, interleaved_rounds, set_allocator
 
 RESULTS = Path(__file__).resolve().parents[2] / "notes" / "results" / "diffusion.md"
 GALLERY_DIR = Path(__file__).resolve().parents[2] / "gallery" / "diffusion"
@@ -479,7 +479,8 @@ def _write(args, parts: dict[str, list[dict]], big: list[dict]) -> None:
     cols = ["setting", "who", "time_s", "speedup", *(["paired_speedup"] if args.rounds else []),
             *(["paired_over_chunked"] if any("paired_over_chunked" in r for rows in parts.values() for r in rows) else []), "gflops", "flop_speedup", "psnr", "ssim", "fd", "accuracy", "note"]
     text = ["# Token merging and step caching on diffusion models (`vision-eff bench diffusion`)", "",
-            provenance(command_line("vision-eff bench diffusion", args.argv)), ""]
+            provenance(command_line("vision-eff bench diffusion", args.argv)), "",
+            f"Allocator: {getattr(args, 'allocator', SYSTEM_ALLOCATOR)}.", ""]
     if parts:
         text += [f"n={args.n} class-balanced images per setting, guidance {args.guidance}, {args.steps} steps of "
             "DPM-Solver++ 2M, batch " f"{args.batch} (x2 with guidance), the same noise for every setting. "
@@ -526,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time the reference and every setting this many times in alternation on one batch "
                         "and report the median paired speed-up (robust to machine drift; default 0: off)")
     p.add_argument("--show", type=int, default=16, help="images per setting in the gallery grid")
+    add_allocator_option(p)
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--gallery", default=str(GALLERY_DIR))
     args = p.parse_args(argv)
@@ -535,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("n", "steps", "batch", "big_calls"):
         if getattr(args, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be >= 1")
+    args.allocator = set_allocator(args.system_allocator)
     parts, big, args.fd_floor = {}, [], None
     if not args.skip_builtin:
         from ..metrics import Evaluator

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 import vision_eff as ve
 
-from .._timing import interleaved_rounds, keep_freed_memory
+from .._timing import add_allocator_option, interleaved_rounds, set_allocator
 from ..tokens.timm import merge_schedule
 
 __all__ = ["main", "time_forward", "time_interleaved", "flops_per_image", "agreement"]
@@ -450,10 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true",
                    help="timm models: also profile each batch per aten op (time and GFLOP/s, unpatched beside merged)")
     p.add_argument("--smoke", action="store_true", help="tiny models and sizes: checks the command, numbers mean nothing")
-    p.add_argument("--system-allocator", action="store_true",
-                   help="leave glibc's allocator as it is; by default the bench makes it keep freed memory, since "
-                        "in alternation its returns to the system make every model pay page faults that a model "
-                        "served on its own does not (see vision_eff._timing.keep_freed_memory)")
+    add_allocator_option(p)
     p.add_argument("--out", default="notes/results/vit.md", help="Markdown table to write")
     p.add_argument("--gallery", default="gallery/vit", help="folder for the merge-map picture ('' for none)")
     args = p.parse_args(argv)
@@ -463,14 +460,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     from ..gallery import command_line
 
-    command = command_line("vision-eff bench vit", argv)
-    # the allocator's settings move CPU timings (page faults, see kernel_cost): keep them in the command
-    alloc_env = [f"{k}={v}" for k, v in sorted(os.environ.items())
-                 if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")]
-    command = " ".join([*alloc_env, command.strip()])
-    allocator = None if args.system_allocator else keep_freed_memory()
+    command = command_line("vision-eff bench vit", argv).strip()
     lines = ["# vision-eff bench vit", "", *_environment(),
-             f"- allocator: {allocator or 'as the system set it (nothing changed)'}",
+             f"- allocator: {set_allocator(args.system_allocator)}",
              f"- command: `{command}`", ""]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
