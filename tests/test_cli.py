@@ -71,7 +71,8 @@ def test_help_texts(capsys):
         assert cli.main(argv) == 0
     out = capsys.readouterr().out
     assert "generate" in out and "--eval-samples" in out and "--steps" in out
-    assert cli.main(["bench"]) == 0 and "samplers" in capsys.readouterr().out
+    for argv in (["bench"], ["bench", "--help"], ["bench", "-h"]):
+        assert cli.main(argv) == 0 and "diffusion  token merging" in capsys.readouterr().out
 
 
 def test_zoo_list(capsys):

@@ -82,3 +82,16 @@ def test_set_attr_restores_existing_attribute_and_parameter():
     h.set_attr(m, "training", False)
     h.remove()
     assert m.weight is old_w and m.training is True
+
+
+def test_every_public_name_resolves():
+    """``vision_eff.__all__`` lists only names that import (the lazy ones from their own modules), and an unknown
+    name is an AttributeError, not an import error."""
+    import importlib
+
+    for name in ve.__all__:
+        obj = getattr(ve, name)
+        if name in ve._LAZY:
+            assert obj is getattr(importlib.import_module(ve._LAZY[name]), name)
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        ve.not_a_name  # noqa: B018

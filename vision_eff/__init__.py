@@ -24,6 +24,7 @@ _LAZY = {
     "ChunkedFeedForward": "vision_eff.layers",
     "attention": "vision_eff.kernels",
     "load_pipeline": "vision_eff.zoo",
+    "keep_freed_memory": "vision_eff._timing",
 }
 
 __all__ = ["apply", "remove", "patched", "active_techniques", "Handle", "PatchHandle",

@@ -243,6 +243,8 @@ def _zoo(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and argv[1:2] in (["-h"], ["--help"]):
+        argv = ["bench"]  # the bench parser has no help of its own (its options are each benchmark's): list them
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -2,11 +2,13 @@
 
 A transformer feed-forward (diffusers ``FeedForward`` with GEGLU / GELU / SwiGLU, timm ``Mlp`` /
 ``GluMlp`` / ``SwiGLU``) treats every token on its own, so running it on slices of the flattened
-``[batch * tokens, C]`` input and concatenating the results computes the same function. On a CPU it is
-much faster where the hidden activations are large and narrow: the built-in UNet's 32x32 level at batch
-64 makes a 64 MB GEGLU intermediate that the projection, ``chunk``, ``gelu`` and multiply each stream
-through memory, while 4096-row slices stay in cache (`vision-eff bench diffusion` measures it). On a
-GPU it only adds launches: leave it off there.
+``[batch * tokens, C]`` input and concatenating the results computes the same function. On a CPU it
+bounds the size of the hidden activations: the built-in UNet's 32x32 level at batch 64 makes a 64 MB
+GEGLU intermediate, which glibc serves by mmap and faults in again page by page after every free, while
+4096-row slices are reused from the heap. Most of what it saves is those page faults: with freed memory
+kept in the process (``vision-eff bench`` does so by default) it is about level on its own and faster
+only beside step caching and merging (README: "The feed-forward in cache-sized slices"). On a GPU it
+only adds launches: leave it off there.
 
 The wrapper calls the module's own forward on each slice (nothing of it is copied), so any
 activation, norm or dropout inside keeps working; inputs with at most ``rows`` rows take the original
