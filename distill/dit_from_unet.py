@@ -3,7 +3,8 @@
 Evaluates weights files of ``shapes-dit`` (checkpoints that ``vision-eff zoo train shapes-dit
 --teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``), or of
 ``shapes-pixart`` with ``--model shapes-pixart`` (``recipes/shapes-pixart.sh``), or of the DiT in
-``shapes-vae``'s latent space with ``--model shapes-latent-dit`` (``recipes/shapes-latent-dit.sh``), beside the packaged
+``shapes-vae``'s latent space with ``--model shapes-latent-dit`` (``recipes/shapes-latent-dit.sh``), or of the UNet
+with ``--model shapes-unet`` (``recipes/shapes-unet-one-hour.sh``: then the packaged UNet is the only reference), beside the packaged
 DiT (and the packaged PixArt once there is one) and the teacher, in one run, with the evaluator the zoo's quality bar uses:
 diffusers' default 50-step DPM-Solver++, classifier-free guidance, class-balanced labels, the
 same noise for every row; class accuracy and FD against the held-out split, and the real-vs-real
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-TRANSFORMERS = ("shapes-dit", "shapes-pixart", "shapes-latent-dit")
+MODELS = ("shapes-dit", "shapes-pixart", "shapes-latent-dit", "shapes-unet")
 
 
 def _steps(meta: dict) -> tuple[int, int, int, float]:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from vision_eff.zoo.weights import read_metadata, weights_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shapes-dit", choices=TRANSFORMERS, help="the model the checkpoints are of")
+    p.add_argument("--model", default="shapes-dit", choices=MODELS, help="the model the checkpoints are of")
     p.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="weights files of --model")
     p.add_argument("--samples", type=int, default=64, help="generated images per row (class-balanced)")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0],
@@ -85,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     floor = ev.fd_floor(args.samples)
     runs = [] if args.skip_references else [
         ("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
-        ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))]
-    if args.model != "shapes-dit" and weights_path(args.model).exists():
+        ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))][:1 if args.model == "shapes-unet" else 2]
+    if args.model not in ("shapes-dit", "shapes-unet") and weights_path(args.model).exists():
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
     runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
     sweep = len(args.guidance) > 1
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     per = min(8, args.samples // 8)  # images per class in the gallery grids
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)  # once per weights file, for every guidance scale
-        student = name != "shapes-unet"
+        student = path is not None or name != "shapes-unet"  # the packaged UNet's history: README
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
         short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-latent-dit": "latent DiT"}[name]

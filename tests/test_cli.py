@@ -35,6 +35,8 @@ def run_cli(*args):
     (["zoo", "train", "shapes-pixart", "--loss", "snr"], "loss must be 'mse' or 'min_snrG'"),
     (["zoo", "train", "shapes-classifier", "--loss", "mse"], "--loss is for the diffusion models"),
     (["zoo", "train", "shapes-pixart", "--repa"], "are for shapes-dit, not shapes-pixart"),
+    (["zoo", "train", "shapes-classifier", "--precision", "bf16"], "--precision is for the models whose recipe"),
+    (["zoo", "train", "shapes-unet", "--precision", "fp16"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     """In process (a fresh interpreter per case costs seconds of imports); the entry point itself is checked

@@ -49,6 +49,47 @@ def test_continuing_from_weights_reads_fresh_data_and_keeps_the_history(tmp_path
     assert [h["steps_done"] for h in m2["history"]] == [2]
 
 
+def test_bf16_autocast_only_where_the_hardware_has_it_unless_forced(monkeypatch):
+    asks, plain = {"bf16": True}, {}
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    mixed, line = train_mod.training_precision(asks, "cpu")
+    assert mixed == "no" and "no native bf16" in line and "--precision bf16" in line
+    assert train_mod.training_precision(asks, "cpu", "bf16") == ("bf16", "bf16 autocast")
+    assert train_mod.training_precision(plain, "cpu") == ("no", "fp32")
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    assert train_mod.training_precision(asks, "cpu") == ("bf16", "bf16 autocast")
+    assert train_mod.training_precision(asks, "cpu", "fp32") == ("no", "fp32")
+    assert train_mod.training_precision(plain, "cpu", "bf16")[0] == "bf16"
+    with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp32"):
+        train_mod.training_precision(asks, "cpu", "fp16")
+
+
+def test_native_bf16_on_this_cpu_follows_its_instruction_set():
+    """The oracle: the kernel's CPU flags (AVX-512 core, AVX512-BF16 or AMX give oneDNN native bf16 kernels)."""
+    import platform
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    if platform.machine() != "x86_64" or not info.exists():
+        pytest.skip("reads the x86 CPU flags from /proc/cpuinfo")
+    flags = set(next(ln for ln in info.read_text().splitlines() if ln.startswith("flags")).split(":")[1].split())
+    expected = bool(flags & {"avx512_bf16", "amx_tile"}) or {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+    assert train_mod.native_bf16("cpu") == expected
+    assert not train_mod.native_bf16("meta")
+
+
+def test_the_weights_record_the_precision_that_ran(tmp_path, monkeypatch):
+    _tiny_entry(monkeypatch, steps=1, batch_size=2, bf16=True)
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    auto = train_mod.train("shapes-unet", out=tmp_path / "a.safetensors", progress=False, save_every=0, steps=1)
+    forced = train_mod.train("shapes-unet", out=tmp_path / "b.safetensors", progress=False, save_every=0, steps=1,
+                             precision="bf16")
+    assert weights.read_metadata(auto)["precision"].startswith("fp32: the recipe asks for bf16")
+    assert weights.read_metadata(forced)["precision"] == "bf16 autocast"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        train_mod.train("shapes-unet", out=tmp_path / "c.safetensors", progress=False, steps=1, precision="half")
+
+
 def test_kept_checkpoints_are_the_weights_written_at_those_steps(tmp_path, monkeypatch):
     _tiny_entry(monkeypatch, steps=3, batch_size=2, pretrain=None)
     seen = {}

@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from ._timing import add_allocator_option
+from ._timing import add_allocator_option, set_allocator
 
 # `vision-eff bench NAME args...` -> module.main(args)
 BENCHES = {
@@ -122,6 +122,11 @@ def _add_zoo(sub) -> None:
                    help="diffusion models: 'mse' (plain regression on the prediction type) or 'min_snrG' "
                         "(Min-SNR-gamma weighting, e.g. min_snr5; it gives the noisiest timesteps almost no "
                         "weight); default: the recipe's")
+    add_allocator_option(t)
+    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto (default): the recipe's bf16 autocast only where the hardware has native bf16 "
+                        "(a GPU, or a CPU with AVX-512 / AMX), else fp32, since emulated bf16 is many times "
+                        "slower; bf16 / fp32 force one. The weights' metadata records what ran")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 
@@ -185,6 +190,10 @@ def _zoo(args) -> int:
         kind = entry(args.name).kind
         kwargs = dict(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, out=args.out,
                       threads=args.threads)
+        if args.precision != "auto":
+            if kind not in (*DIFFUSION_KINDS, "vae", "vit"):
+                raise UsageError(f"--precision is for the models whose recipe uses bf16 autocast, not {args.name}")
+            kwargs["precision"] = args.precision
         if args.teacher is not None:
             if kind not in DIFFUSION_KINDS or args.teacher == args.name:
                 raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
@@ -200,7 +209,10 @@ def _zoo(args) -> int:
         if args.loss is not None:
             if kind not in DIFFUSION_KINDS:
                 raise UsageError(f"--loss is for the diffusion models, not {args.name}")
-            kwargs["loss"] = args.loss  # train() checks it before any stage runs (a ValueError: one line, exit 2)
+            from .zoo.train import min_snr_gamma
+
+            min_snr_gamma(args.loss)  # a ValueError (one line, exit 2) before the allocator is set below
+            kwargs["loss"] = args.loss
         if kind in DIFFUSION_KINDS:
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default
@@ -216,6 +228,7 @@ def _zoo(args) -> int:
                 raise UsageError("--dit-init initialises a model trained from scratch; with --init-from the "
                                  "weights replace it: drop one of the two")
             kwargs["init_from"] = args.init_from
+        print(f"allocator: {set_allocator(args.system_allocator)}")  # after the checks above
         if kind == "vit":  # the ViT classifier has its own training loop
             from .vit.builtin import train_vit
 

@@ -32,12 +32,14 @@ def test_committed_weights_match_their_record():
     assert abs(acc - meta["eval_accuracy"]) < 0.04
 
 
-def test_mixer_recovery_from_the_cli(tmp_path):
+def test_mixer_recovery_from_the_cli(tmp_path, capsys):
     from vision_eff.cli import main
     from vision_eff.vit.mixer import MixerSwap
 
     out = tmp_path / "mixer.safetensors"
-    assert main(["zoo", "train", "shapes-vit-poolmixer", "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    assert main(["zoo", "train", "shapes-vit-poolmixer", "--steps", "2", "--batch-size", "2", "--out", str(out),
+                 "--system-allocator"]) == 0  # mallopt is process-wide: the tests leave it alone
+    assert "allocator: as the system set it" in capsys.readouterr().out
     meta = read_metadata(out)
     assert meta["swap"]["blocks"] == [0, 1] and meta["recipe"]["steps"] == 2
     model = load_vit()

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..zoo import data
-from ..zoo.train import recipe_with
+from ..zoo.train import recipe_with, training_precision
 from ..zoo.weights import load_into, save, weights_path
 
 __all__ = ["NAME", "VIT_CONFIG", "TRAIN_RECIPE", "batches", "build_vit", "train_vit", "load_vit", "evaluate", "predict"]
@@ -109,8 +109,10 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def _train_stage(model: nn.Module, recipe: dict, img_size: int, start: int, progress: bool, tag: str) -> tuple[int, float]:
-    """Train ``model`` in place on consecutive train samples from ``start``; returns (steps done, final loss)."""
+def _train_stage(model: nn.Module, recipe: dict, img_size: int, start: int, progress: bool, tag: str,
+                 bf16: bool) -> tuple[int, float]:
+    """Train ``model`` in place on consecutive train samples from ``start`` (bf16 autocast when ``bf16``);
+    returns (steps done, final loss)."""
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": recipe["weight_decay"]},
@@ -130,7 +132,7 @@ def _train_stage(model: nn.Module, recipe: dict, img_size: int, start: int, prog
             group["lr"] = recipe["lr"] * _lr(step, frac, recipe["warmup"])
         x, y = next(stream)
         x = _augment(x, gen)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(recipe["bf16"])):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=recipe["label_smoothing"])
         loss.backward()
@@ -149,13 +151,15 @@ def _train_stage(model: nn.Module, recipe: dict, img_size: int, start: int, prog
 def train_vit(steps: int | None = None, batch_size: int | None = None, lr: float | None = None,
               seed: int | None = None, out: str | Path | None = None, threads: int | None = None,
               progress: bool = True, bf16: bool | None = None, max_minutes: float | None = None,
-              eval_count: int = data.EVAL_SIZE, pretrain_steps: int | None = None) -> Path:
+              eval_count: int = data.EVAL_SIZE, pretrain_steps: int | None = None, precision: str = "auto") -> Path:
     """Train ``shapes-vit`` from scratch on the built-in train split and save it (safetensors + recipe).
 
     First ``pretrain_steps`` at the recipe's low resolution, then ``steps`` at 64x64 on the samples
     after those. Each stage stops after its steps or its ``max_minutes`` of wall-clock, whichever
     comes first; the learning-rate schedule follows whichever is further along, so it always ends
-    annealed. ``steps``, ``batch_size``, ``lr`` and ``max_minutes`` set the final stage.
+    annealed. ``steps``, ``batch_size``, ``lr`` and ``max_minutes`` set the final stage. The recipe's bf16
+    autocast is used only where the CPU has native bf16 unless ``precision`` forces it
+    (:func:`vision_eff.zoo.train.training_precision`; the metadata says what ran).
     """
     recipe = recipe_with(TRAIN_RECIPE, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          bf16=bf16, max_minutes=max_minutes)
@@ -166,15 +170,18 @@ def train_vit(steps: int | None = None, batch_size: int | None = None, lr: float
     pre["batch_size"] = recipe["batch_size"]
     recipe["pretrain"] = pre
     out = Path(out) if out is not None else weights_path(NAME)
+    mixed, used = training_precision(recipe, "cpu", precision)
+    if used.startswith("fp32: ") and progress:
+        print(f"[{NAME}] training in {used}", flush=True)
     torch.manual_seed(recipe["seed"])
     t0 = time.time()
     model = build_vit(img_size=pre["img_size"])
     done_pre = 0
     if pre["steps"] > 0:
-        done_pre, _ = _train_stage(model, pre, pre["img_size"], 0, progress, f"{pre['img_size']}px")
+        done_pre, _ = _train_stage(model, pre, pre["img_size"], 0, progress, f"{pre['img_size']}px", mixed == "bf16")
     model = _resize_to(model, IMAGE_SIZE)
     bs = recipe["batch_size"]
-    done, ema_loss = _train_stage(model, recipe, IMAGE_SIZE, done_pre * bs, progress, f"{IMAGE_SIZE}px")
+    done, ema_loss = _train_stage(model, recipe, IMAGE_SIZE, done_pre * bs, progress, f"{IMAGE_SIZE}px", mixed == "bf16")
     acc = evaluate(model, count=eval_count)
     meta = dict(model=NAME, kind="vit-classifier", config={k: v for k, v in VIT_CONFIG.items()},
                 stem=list(STEM_CHANNELS), recipe=recipe, steps_done=done, pretrain_steps_done=done_pre, final=True,
@@ -183,7 +190,7 @@ def train_vit(steps: int | None = None, batch_size: int | None = None, lr: float
                      f"{pre['img_size']}, then the next steps*batch at {IMAGE_SIZE}x{IMAGE_SIZE}; h-flip",
                 train_seconds=round(time.time() - t0, 1), eval_accuracy=round(acc, 5), eval_images=eval_count,
                 machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
-                torch=torch.__version__, final_loss=round(ema_loss, 5))
+                precision=used, torch=torch.__version__, final_loss=round(ema_loss, 5))
     save({"vit": model}, out, meta)
     if progress:
         print(f"[{NAME}] eval accuracy {acc:.4f}; saved {out}", flush=True)
