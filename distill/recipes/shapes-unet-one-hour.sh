@@ -4,7 +4,7 @@
 # tokens, labels dropped with p=0.1, EMA 0.998, batch 32) with plain v-MSE instead of Min-SNR weighting (which
 # gives the noisiest timesteps, where the shape is decided, almost no weight), lr 8e-4 cosine, 1500 steps,
 # checkpoints kept every 250. `zoo train` keeps freed memory and, on a CPU without native bf16, trains in fp32
-# (both recorded; about 2 s a step on the AVX2 machine of 2026-12-03, where emulated bf16 took 20 s).
+# (both recorded; 2.4 s a step on the AVX2 machine of 2026-12-03, where emulated bf16 took 19.7 s).
 # The study, beside the packaged UNet:
 #   python distill/dit_from_unet.py --model shapes-unet --checkpoints $OUT/shapes-unet.step1000.safetensors \
 #       $OUT/shapes-unet.safetensors --samples 128 --threads 2 --title "shapes-unet in one hour" \
