@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator()
     labels = balanced_labels(args.samples)
     floor = ev.fd_floor(args.samples)
-    runs = [] if args.skip_references else [
-        ("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")),
-        ("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit"))][:1 if args.model == "shapes-unet" else 2]
+    runs = [] if args.skip_references else [("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet"))]
+    if not args.skip_references and args.model != "shapes-unet":
+        runs.append(("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit")))
     if args.model not in ("shapes-dit", "shapes-unet") and weights_path(args.model).exists():
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
     runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     per = min(8, args.samples // 8)  # images per class in the gallery grids
     for what, name, path, meta in runs:
         pipe = load_pipeline(name, weights=path)  # once per weights file, for every guidance scale
-        student = path is not None or name != "shapes-unet"  # the packaged UNet's history: README
+        student = path is not None or name != "shapes-unet"
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
         short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-latent-dit": "latent DiT"}[name]

@@ -1,7 +1,7 @@
 """Timing in alternation: every setting once per round, so machine drift hits all settings alike.
 
 Shared by ``vision-eff bench vit`` and ``vision-eff bench diffusion --rounds``; the allocator option
-(:func:`add_allocator_option`, :func:`set_allocator`) also by ``vision-eff generate``.
+(:func:`add_allocator_option`, :func:`set_allocator`) also by ``vision-eff generate`` and ``vision-eff zoo train``.
 """
 from __future__ import annotations
 

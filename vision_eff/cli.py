@@ -83,6 +83,7 @@ def _add_generate(sub) -> None:
 
 def _add_zoo(sub) -> None:
     from .zoo import ZOO, diffusion_models
+    from .zoo.train import PRECISIONS
 
     p = sub.add_parser("zoo", help="list, train or evaluate the built-in models",
                        description="The built-in models: list them, retrain them from scratch, or evaluate them.")
@@ -123,7 +124,7 @@ def _add_zoo(sub) -> None:
                         "(Min-SNR-gamma weighting, e.g. min_snr5; it gives the noisiest timesteps almost no "
                         "weight); default: the recipe's")
     add_allocator_option(t)
-    t.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): the recipe's bf16 autocast only where the hardware has native bf16 "
                         "(a GPU, or a CPU with AVX-512 / AMX), else fp32, since emulated bf16 is many times "
                         "slower; bf16 / fp32 force one. The weights' metadata records what ran")

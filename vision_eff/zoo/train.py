@@ -87,12 +87,16 @@ def native_bf16(device: torch.device | str) -> bool:
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
+def check_precision(choice: str) -> None:
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")
+
+
 def training_precision(recipe: dict, device: torch.device | str, choice: str = "auto") -> tuple[str, str]:
     """``("bf16" | "no", line for the metadata)``: whether to train under bf16 autocast. ``choice="auto"``: bf16 autocast where the
     recipe asks for it and ``device`` has native bf16, else fp32 (the line says why, as the recipe asked
     otherwise); ``"bf16"`` / ``"fp32"`` force one."""
-    if choice not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {choice!r}")
+    check_precision(choice)
     if choice == "fp32" or (choice == "auto" and not recipe.get("bf16")):
         return "no", "fp32"
     if choice == "bf16" or native_bf16(device):
@@ -292,8 +296,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
                          teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init,
                          loss=loss)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)  # before any pretraining stage runs
     if loss is not None:
         min_snr_gamma(loss)
     if init not in (None, "diffusers") and init_from is not None:
@@ -329,12 +332,12 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
         elif pre:  # the output of the recipe's stages (each of which started at sample 0)
             recipe.setdefault("data_offset", sum(st["steps"] * st.get("batch_size", recipe["batch_size"]) for st in pre))
     prediction_type = prediction_type or recipe.get("prediction_type") or e.prediction_type
-    mixed, precision = training_precision(recipe, "cuda" if torch.cuda.is_available() else "cpu", precision)
-    if precision.startswith("fp32: ") and progress:
-        print(f"vision-eff: training in {precision}", file=sys.stderr)
     # the autocast is ours, not accelerate's: its mixed precision is process-wide state that a second run in
     # the same process could not change
     accel = Accelerator(mixed_precision="no")
+    mixed, precision_used = training_precision(recipe, accel.device, precision)
+    if precision_used.startswith("fp32: ") and progress:
+        print(f"vision-eff: training in {precision_used}", file=sys.stderr)
     autocast_bf16 = mixed == "bf16"
     torch.manual_seed(recipe["seed"])
     class_embed = recipe.get("class_embed", True)
@@ -381,7 +384,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
             data=f"vision_eff.zoo.data train split, 32x32, sample {offset} + (step*world+rank)*batch onwards",
             train_seconds=round(time.time() - t0, 1), processes=accel.num_processes,
             machine=f"{platform.machine()} {platform.processor() or ''} threads={torch.get_num_threads()}".strip(),
-            precision=precision, torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5), **teacher_meta, **vae_meta,
+            precision=precision_used, torch=torch.__version__, final_loss=round(ema_loss or float("nan"), 5), **teacher_meta, **vae_meta,
             **({"final_repa": round(ema_align, 5)} if ema_align is not None else {}),
         )
         if e.kind == "classifier":
