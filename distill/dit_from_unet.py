@@ -84,9 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator()
     labels = balanced_labels(args.samples)
     floor = ev.fd_floor(args.samples)
-    runs = [] if args.skip_references else [("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet"))]
-    if not args.skip_references and args.model != "shapes-unet":
-        runs.append(("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit")))
+    runs = []
+    if not args.skip_references:
+        runs.append(("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")))
+        if args.model != "shapes-unet":
+            runs.append(("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit")))
     if args.model not in ("shapes-dit", "shapes-unet") and weights_path(args.model).exists():
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
     runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
