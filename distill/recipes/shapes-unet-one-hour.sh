@@ -17,6 +17,7 @@ VE=${VE:-.venv/bin/vision-eff}
 THREADS=${THREADS:-2}
 STEPS=${STEPS:-1500}
 EVERY=${EVERY:-250}
+LOSS=${LOSS:-mse}  # the arm of distill/results/shapes-unet-one-hour-loss.md: LOSS=min_snr5
 mkdir -p "$OUT"
-$VE zoo train shapes-unet --steps "$STEPS" --lr 8e-4 --loss mse --threads "$THREADS" --save-every "$EVERY" --keep-checkpoints \
+$VE zoo train shapes-unet --steps "$STEPS" --lr 8e-4 --loss "$LOSS" --threads "$THREADS" --save-every "$EVERY" --keep-checkpoints \
   --out "$OUT/shapes-unet.safetensors"
