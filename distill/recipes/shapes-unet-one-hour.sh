@@ -7,7 +7,8 @@
 # checkpoints kept every 250. `zoo train` keeps freed memory and, on a CPU without native bf16, trains in fp32
 # (both recorded; 2.4 s a step on the AVX2 machine of 2026-12-03, where emulated bf16 took 19.7 s).
 # STEPS sizes the run to the hour on the machine at hand: 1500 on that AVX2 machine; 5000 on the AVX-512/AMX
-# Xeon of the same day's later session (0.7 s a step, bf16 autocast: 58 min).
+# Xeon of the same day's later session (0.7 s a step, bf16 autocast: 58 min). BATCH (default 32) and LR
+# (default 8e-4) change the batch size and the peak learning rate.
 # The study, beside the packaged UNet:
 #   python distill/dit_from_unet.py --model shapes-unet --checkpoints $OUT/shapes-unet.step1000.safetensors \
 #       $OUT/shapes-unet.safetensors --samples 128 --threads 2 --title "shapes-unet in one hour" \
@@ -19,6 +20,8 @@ THREADS=${THREADS:-2}
 STEPS=${STEPS:-1500}
 EVERY=${EVERY:-250}
 LOSS=${LOSS:-mse}
+BATCH=${BATCH:-32}
+LR=${LR:-8e-4}
 mkdir -p "$OUT"
-$VE zoo train shapes-unet --steps "$STEPS" --lr 8e-4 --loss "$LOSS" --threads "$THREADS" --save-every "$EVERY" --keep-checkpoints \
+$VE zoo train shapes-unet --steps "$STEPS" --batch-size "$BATCH" --lr "$LR" --loss "$LOSS" --threads "$THREADS" --save-every "$EVERY" --keep-checkpoints \
   --out "$OUT/shapes-unet.safetensors"
