@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, guidance, desc=Path(what).name)
             rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-latent-dit") else "",  # (DiT options)
                          "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
+                         "batch": (meta.get("recipe") or {}).get("batch_size", "") if student else "",
                          **({"guidance": guidance} if sweep else {}), "accuracy": ev.accuracy(imgs, labels),
                          "FD": ev.fd(imgs), "FD floor": floor, "sample s": round(secs, 1)})
             print(rows[-1], flush=True)
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{', '.join(f'{g:g}' for g in args.guidance)}, noise seed {args.seed} (the same noise for every row); accuracy: the evaluator's "
                 f"class for the label asked for; FD: evaluator features against the held-out split; FD floor: real "
                 f"images against the same split at the same n. Steps and minutes count every stage in the weights' "
-                f"history (batch 32). Packaged weights: as committed.\n\n"
+                f"history; batch: the last stage's batch size. Packaged weights: as committed.\n\n"
                 f"{table}\n")
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
