@@ -16,6 +16,7 @@ FD floor at the same sample count.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -70,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gallery", action="store_true",
                    help="also put the images side by side (teacher, packaged DiT, last checkpoint of each folder) "
                         "in the gallery page")
+    p.add_argument("--gallery-name", default=None, metavar="NAME",
+                   help="with --gallery: the page section and image file name (default: distill-MODEL), so that "
+                        "one study does not replace another's picture")
     args = p.parse_args(argv)
+    if args.gallery_name is not None and not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.gallery_name):
+        p.error(f"--gallery-name {args.gallery_name!r}: use lower-case letters, digits and dashes (e.g. distill-dit-batch)")
     missing = [str(c) for c in args.checkpoints if not c.is_file()]
     if missing:
         p.error(f"no weights file at {', '.join(missing)}")
@@ -121,10 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         packaged = [k for k, (_w, _n, path, _m) in enumerate(shown_runs) if path is None]
         last = {Path(what).parent: k for k, (what, _n, path, _m) in enumerate(shown_runs) if path is not None}
         shown = [panels[k] for k in packaged] + [panels[k] for k in last.values()]
-        image = f"distill-{args.model}.png"
+        section = args.gallery_name or f"distill-{args.model}"
+        image = f"{section}.png"
         labelled_panels(shown, per, scale=2).save(GALLERY / image)
         table_at = f" Table: `{args.out}`." if args.out is not None else ""
-        update_section(f"distill-{args.model}", f"## {args.title}\n\n"
+        update_section(section, f"## {args.title}\n\n"
                        f"![{args.model}]({image})  \nOne row per class (circle, square, triangle, star, "
                        f"ring, cross, crescent, heart); class accuracy over all {args.samples} images in each caption. "
                        f"Made by {made_by}.{table_at}\n")
