@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0],
                    help="classifier-free guidance scale(s); with several, every weights file is measured at each")
     p.add_argument("--skip-references", action="store_true",
-                   help="leave out the teacher and packaged-DiT rows (the packaged --model row stays)")
+                   help="leave out the teacher and packaged-DiT rows (the packaged --model row stays; for "
+                        "shapes-unet it is the teacher row, so it goes too)")
     p.add_argument("--seed", type=int, default=1, help="noise seed (as `vision-eff bench zoo`)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", type=Path, default=None, help="write the table here (Markdown)")
@@ -93,9 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     if not args.skip_references:
         runs.append(("teacher: shapes-unet (packaged)", "shapes-unet", None, model_info("shapes-unet")))
-        if args.model != "shapes-unet":
+        if args.model not in ("shapes-dit", "shapes-unet"):
             runs.append(("shapes-dit (packaged)", "shapes-dit", None, model_info("shapes-dit")))
-    if args.model not in ("shapes-dit", "shapes-unet") and weights_path(args.model).exists():
+    # the packaged --model row, the peer of its checkpoints (for shapes-unet that is the teacher row)
+    if args.model != "shapes-unet" and weights_path(args.model).exists():
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
     runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
     sweep = len(args.guidance) > 1
