@@ -75,7 +75,7 @@ def main(argv=None) -> int:
 
     from vision_eff.zoo import data
     from vision_eff.zoo.models import NUM_CLASSES, SCHEDULE_CONFIG
-    from vision_eff.zoo.train import _stream
+    from vision_eff.zoo.train import _ema_update, _stream, convert_prediction, min_snr_weight
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
@@ -101,16 +101,12 @@ def main(argv=None) -> int:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = predict(a.model, net, enc, xt, t, y)
         target = al.sqrt() * noise - (1 - al).sqrt() * x0
-        snr = al / (1 - al)
-        loss = (snr.clamp(max=5) / (snr + 1) * (out.float() - target).square()).mean()
+        loss = (min_snr_weight(al, 5.0, "v_prediction") * (out.float() - target).square()).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(mods.parameters(), 1.0)
         opt.step()
-        decay = min(0.998, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, q in zip(ema.parameters(), mods.parameters()):
-                e.lerp_(q, 1 - decay)
+        _ema_update(ema, mods, min(0.998, (1 + step) / (10 + step)))
         smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
         step += 1
         if step % 500 == 0:
@@ -132,7 +128,7 @@ def main(argv=None) -> int:
             err = []
             for lab in (ys, (ys + 1) % NUM_CLASSES, torch.full_like(ys, NUM_CLASSES)):
                 v = predict(a.model, net, enc, xt, t, lab).float()
-                err.append((al.sqrt() * xt - (1 - al).sqrt() * v - xs).square().mean().item())
+                err.append((convert_prediction(v, xt, al, "v_prediction", "sample") - xs).square().mean().item())
             print(f"t={tt} x0 mse true {err[0]:.5f} wrong {err[1]:.5f} null {err[2]:.5f} "
                   f"ratio {err[1] / err[0]:.3f}", flush=True)
             rows.append(f"| {a.model} | {a.layers} | {params:.2f} | {a.batch_size} | {a.minutes:g} | {step} | "

@@ -192,8 +192,7 @@ class _Objective(nn.Module):
         if self.min_snr is None:
             loss = nn.functional.mse_loss(out.float(), target)
         else:
-            snr = a / (1 - a)  # x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)
-            w = snr.clamp(max=self.min_snr) / (snr if self.prediction_type == "epsilon" else snr + 1)
+            w = min_snr_weight(a, self.min_snr, self.prediction_type)
             loss = (w * (out.float() - target).square()).mean()
         if self.repa is not None:
             self.last_repa = self.repa.loss(x0)
@@ -232,6 +231,13 @@ def min_snr_gamma(loss: str) -> float | None:
                               and loss[7:].replace(".", "", 1).isdigit()):
         raise ValueError(f"loss must be 'mse' or 'min_snrG' (e.g. 'min_snr5'), got {loss!r}")
     return float(loss[7:]) if loss != "mse" else None
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma weight of the squared error of an ``"epsilon"`` or ``"v_prediction"`` target: the x0
+    error weighted by min(SNR, gamma), since x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / (snr if prediction_type == "epsilon" else snr + 1)
 
 
 def convert_prediction(pred: torch.Tensor, xt: torch.Tensor, alpha_bar: torch.Tensor, source: str,
