@@ -2,7 +2,8 @@
 
 Evaluates weights files of ``shapes-dit`` (checkpoints that ``vision-eff zoo train shapes-dit
 --teacher shapes-unet --keep-checkpoints`` wrote; see ``recipes/shapes-dit-from-unet.sh``), or of
-``shapes-pixart`` with ``--model shapes-pixart`` (``recipes/shapes-pixart.sh``), or of the DiT in
+``shapes-pixart`` with ``--model shapes-pixart`` (``recipes/shapes-pixart.sh``), or of ``shapes-sana`` with
+``--model shapes-sana``, or of the DiT in
 ``shapes-vae``'s latent space with ``--model shapes-latent-dit`` (``recipes/shapes-latent-dit.sh``), or of the UNet
 with ``--model shapes-unet`` (``recipes/shapes-unet-one-hour.sh``: then the packaged UNet is the only reference), beside the packaged
 DiT (and the packaged PixArt once there is one) and the teacher, in one run, with the evaluator the zoo's quality bar uses:
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("shapes-dit", "shapes-pixart", "shapes-latent-dit", "shapes-unet")
+MODELS = ("shapes-dit", "shapes-pixart", "shapes-sana", "shapes-latent-dit", "shapes-unet")
 
 
 def _steps(meta: dict) -> tuple[int, int, int, float]:
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         student = path is not None or name != "shapes-unet"
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
-        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-latent-dit": "latent DiT"}[name]
+        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-sana": "Sana",
+                 "shapes-latent-dit": "latent DiT"}[name]
         caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
                    else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
         for guidance in args.guidance:

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     from vision_eff.zoo.weights import weights_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shapes-dit", choices=("shapes-dit", "shapes-pixart"),
+    p.add_argument("--model", default="shapes-dit", choices=("shapes-dit", "shapes-pixart", "shapes-sana"),
                    help="the model the --weights files are of")
     p.add_argument("--weights", nargs="*", type=Path, default=[], help="further weights files of --model")
     p.add_argument("--images", type=int, default=256, help="held-out images")

@@ -7,7 +7,7 @@ from vision_eff.zoo import weights
 from vision_eff.zoo.pipeline import ShapesUNetPipeline
 
 
-@pytest.fixture(scope="module", params=zoo.diffusion_models())
+@pytest.fixture(scope="module", params=zoo.diffusion_models(packaged=True))
 def pipe(request):
     p = zoo.load_pipeline(request.param)
     p.zoo_name = request.param  # for the tests' own bookkeeping
@@ -140,6 +140,53 @@ def test_pixart_trains_and_its_label_reaches_the_output_through_cross_attention(
         assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
 
 
+def test_sana_trains_and_its_label_reaches_the_output_through_cross_attention_and_the_timestep(tmp_path):
+    from vision_eff.zoo.models import SANA_LABEL_SCALE
+    from vision_eff.zoo.pipeline import ShapesSanaPipeline
+    from vision_eff.zoo.train import train
+
+    out = train("shapes-sana", steps=2, batch_size=4, out=tmp_path / "s.safetensors", progress=False)
+    meta = weights.read_metadata(out)
+    assert meta["model"] == "shapes-sana" and meta["kind"] == "sana" and meta["steps_done"] == 2
+    pipe = zoo.load_pipeline("shapes-sana", weights=out)
+    assert isinstance(pipe, ShapesSanaPipeline) and type(pipe.transformer).__name__ == "SanaTransformer2DModel"
+    torch.manual_seed(0)
+    for p in pipe.transformer.parameters():
+        p.data.normal_(0, 0.05)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
+    tr, lab = pipe.transformer, torch.tensor([3, 3])
+    ctx, other = pipe.label_encoder(lab), pipe.label_encoder(torch.tensor([0, 0]))
+    scalar = torch.full((2,), 3 * SANA_LABEL_SCALE)
+    direct = tr(x, encoder_hidden_states=ctx, timestep=t, guidance=scalar).sample
+    assert torch.equal(pipe._denoise(x, t, lab), direct)
+    # each path on its own changes the output: the tokens (same scalar) and the scalar (same tokens)
+    assert (tr(x, encoder_hidden_states=other, timestep=t, guidance=scalar).sample - direct).abs().max() > 1e-3
+    assert (tr(x, encoder_hidden_states=ctx, timestep=t, guidance=scalar * 0).sample - direct).abs().max() > 1e-3
+    for cls in (DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        img = pipe(class_labels=[1, 5], num_inference_steps=3, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_sana_training_drops_labels_to_the_null_label_on_both_paths():
+    from vision_eff.zoo.models import SANA_LABEL_SCALE
+    from vision_eff.zoo.train import _Objective
+
+    obj = _Objective("shapes-sana", zoo.build("shapes-sana"), label_dropout=1.0)
+    tokens, scalars = [], []
+    obj.parts["label_encoder"].register_forward_hook(lambda m, args, out: tokens.append(args[0].clone()))
+    obj.parts["transformer"].register_forward_pre_hook(
+        lambda m, args, kw: scalars.append(kw["guidance"].clone()), with_kwargs=True)
+    x0 = torch.zeros(3, 3, 32, 32)
+    assert torch.isfinite(obj(x0, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0)))
+    null = torch.full((3,), zoo.NUM_CLASSES)
+    assert torch.equal(tokens[0], null) and torch.equal(scalars[0], null.float() * SANA_LABEL_SCALE)
+    obj.label_dropout = 0.0
+    obj(x0, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    assert torch.equal(tokens[1], torch.tensor([0, 1, 2])) and torch.equal(scalars[1], torch.tensor([0.0, 100.0, 200.0]))
+
+
 def test_pixart_training_drops_labels_to_the_null_token():
     from vision_eff.zoo.train import _Objective
 
@@ -152,3 +199,11 @@ def test_pixart_training_drops_labels_to_the_null_token():
     obj.label_dropout = 0.0
     obj(x0, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
     assert torch.equal(seen[1], torch.tensor([0, 1, 2]))
+
+
+def test_a_model_without_packaged_weights_is_listed_and_says_how_to_train_it():
+    every, packaged = zoo.diffusion_models(), zoo.diffusion_models(packaged=True)
+    assert set(packaged) < set(every) and "shapes-sana" in set(every) - set(packaged)
+    assert all(weights.weights_path(n).is_file() for n in packaged)
+    with pytest.raises(weights.WeightsError, match="vision-eff zoo train shapes-sana"):
+        zoo.load_pipeline("shapes-sana")

@@ -59,14 +59,15 @@ def default_scheduler(name: str):
 
 def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   weights: str | Path | None = None):
-    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``,
+    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``, ``shapes-sana``,
     ``shapes-latent-dit``: a DiT in ``shapes-vae``'s latent space, decoded by it).
 
     ``scheduler`` defaults to diffusers' DPM-Solver++ multistep; any diffusers scheduler built with
     ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards. ``weights``: as in
     :func:`load_model`.
     """
-    from .pipeline import ShapesDiTPipeline, ShapesLatentDiTPipeline, ShapesPixArtPipeline, ShapesUNetPipeline
+    from .pipeline import (ShapesDiTPipeline, ShapesLatentDiTPipeline, ShapesPixArtPipeline, ShapesSanaPipeline,
+                           ShapesUNetPipeline)
 
     e = entry(name)
     if e.kind not in DIFFUSION_KINDS:
@@ -76,9 +77,9 @@ def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu",
     scheduler = scheduler if scheduler is not None else default_scheduler(name)
     if e.kind == "unet":
         pipe = ShapesUNetPipeline(unet=modules["unet"], label_encoder=modules["label_encoder"], scheduler=scheduler)
-    elif e.kind == "pixart":
-        pipe = ShapesPixArtPipeline(transformer=modules["transformer"], label_encoder=modules["label_encoder"],
-                                    scheduler=scheduler)
+    elif e.kind in ("pixart", "sana"):
+        cls = ShapesPixArtPipeline if e.kind == "pixart" else ShapesSanaPipeline
+        pipe = cls(transformer=modules["transformer"], label_encoder=modules["label_encoder"], scheduler=scheduler)
     elif e.vae:
         pipe = ShapesLatentDiTPipeline(transformer=modules["transformer"], vae=_matching_vae(e, weights, device, dtype),
                                        scheduler=scheduler)

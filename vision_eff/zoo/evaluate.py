@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vision-eff bench zoo", description=__doc__.split("\n\n")[1])
     p.add_argument("--samples", type=int, default=256, help="generated images per model (class-balanced)")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0], help="guidance scales to evaluate")
-    p.add_argument("--models", nargs="+", default=diffusion_models(),
+    p.add_argument("--models", nargs="+", default=diffusion_models(packaged=True),
                    choices=diffusion_models())
     p.add_argument("--seed", type=int, default=1, help="noise seed (the demo uses 0)")
     p.add_argument("--no-gallery", action="store_true")

@@ -127,6 +127,23 @@ PIXART_CONFIG = dict(
     use_additional_conditions=False, interpolation_scale=1,
 )
 
+# Sana in miniature (Xie et al. 2025): linear attention, a Mix-FFN whose depthwise 3x3 convolution gives the
+# transformer a convolution's locality, adaLN-single timestep modulation, and the label twice: as
+# cross-attention tokens (as PixArt's) and as a scalar embedded beside the timestep (diffusers' guidance
+# embedding, fed ``label * SANA_LABEL_SCALE``: the label-in-timestep path that makes the UNet learn its label).
+SANA_CONFIG = dict(
+    in_channels=3, out_channels=3, num_attention_heads=4, attention_head_dim=32, num_layers=6,
+    num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
+    mlp_ratio=2.5, sample_size=32, patch_size=2, interpolation_scale=1, guidance_embeds=True,
+)
+SANA_LABEL_SCALE = 100.0  # labels 0..8 (8: the null label) embedded like timesteps 0, 100, ..., 800
+
+
+def sana_label_scalar(labels: torch.Tensor) -> torch.Tensor:
+    """The scalar that carries a label into Sana's timestep embedding (its ``guidance`` input)."""
+    return labels.float() * SANA_LABEL_SCALE
+
+
 # Latent diffusion in miniature: a KL autoencoder (diffusers' AutoencoderKL) that maps 32x32x3 images to
 # 16x16x4 latents, and a DiT on those latents (patch 2: 64 tokens of 4x4 pixels each).
 VAE_CONFIG = dict(
@@ -143,7 +160,7 @@ SCHEDULE_CONFIG = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.0
 @dataclass(frozen=True)
 class ZooEntry:
     name: str
-    kind: str  # "unet" | "dit" | "pixart" | "vae" | "vit" | "vit-mixer" | "classifier"
+    kind: str  # "unet" | "dit" | "pixart" | "sana" | "vae" | "vit" | "vit-mixer" | "classifier"
     description: str
     prediction_type: str | None = None
     train: dict = field(default_factory=dict)  # default training recipe
@@ -181,6 +198,14 @@ ZOO: dict[str, ZooEntry] = {
         train=dict(steps=3600, batch_size=32, lr=1e-3, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
                    loss="min_snr5"),
     ),
+    "shapes-sana": ZooEntry(
+        "shapes-sana", "sana",
+        "class-conditional SanaTransformer2DModel (patch 2, 256 tokens, linear attention, Mix-FFN with a "
+        "depthwise conv, cross-attention on label tokens, label also beside the timestep), 32x32 RGB, v prediction",
+        prediction_type="v_prediction",
+        train=dict(steps=10000, batch_size=16, lr=8e-4, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
+                   loss="min_snr5"),
+    ),
     "shapes-vae": ZooEntry(
         "shapes-vae", "vae",
         "KL autoencoder (diffusers AutoencoderKL, widths 32/64, no attention): 32x32x3 images <-> 16x16x4 "
@@ -216,12 +241,15 @@ ZOO: dict[str, ZooEntry] = {
 }
 
 
-DIFFUSION_KINDS = ("unet", "dit", "pixart")
+DIFFUSION_KINDS = ("unet", "dit", "pixart", "sana")
 
 
-def diffusion_models() -> list[str]:
-    """The names of the built-in diffusion models (those with a pipeline)."""
-    return [n for n, e in ZOO.items() if e.kind in DIFFUSION_KINDS]
+def diffusion_models(packaged: bool = False) -> list[str]:
+    """The names of the built-in diffusion models (those with a pipeline); with ``packaged``, only those
+    whose weights ship with the package (the others load after ``vision-eff zoo train NAME``)."""
+    from .weights import weights_path
+
+    return [n for n, e in ZOO.items() if e.kind in DIFFUSION_KINDS and (not packaged or weights_path(n).exists())]
 
 
 def entry(name: str) -> ZooEntry:
@@ -258,6 +286,11 @@ def build(name: str, class_embed: bool = True, init: str = "diffusers") -> dict[
 
         return {"transformer": PixArtTransformer2DModel(**PIXART_CONFIG),
                 "label_encoder": LabelEncoder(dim=PIXART_CONFIG["caption_channels"])}
+    if e.kind == "sana":
+        from diffusers import SanaTransformer2DModel
+
+        return {"transformer": SanaTransformer2DModel(**SANA_CONFIG),
+                "label_encoder": LabelEncoder(dim=SANA_CONFIG["caption_channels"])}
     if e.kind == "vae":
         from diffusers import AutoencoderKL
 

@@ -203,6 +203,17 @@ class ShapesPixArtPipeline(_ShapesPipeline):
         return self.transformer(x, encoder_hidden_states=self._label_tokens(labels, x.dtype), timestep=t).sample
 
 
+class ShapesSanaPipeline(ShapesPixArtPipeline):
+    """Sana in miniature: a SanaTransformer2DModel (patch 2) cross-attending to label tokens, with the label
+    also embedded beside the timestep (through the model's ``guidance`` input: ``models.sana_label_scalar``)."""
+
+    def _denoise(self, x, t, labels):
+        from .models import sana_label_scalar
+
+        return self.transformer(x, encoder_hidden_states=self._label_tokens(labels, x.dtype), timestep=t,
+                                guidance=sana_label_scalar(labels).to(x.device)).sample
+
+
 class ShapesLatentDiTPipeline(ShapesDiTPipeline):
     """Latent diffusion in miniature: a class-conditional DiT on an AutoencoderKL's scaled latents."""
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import data
-from .models import DIFFUSION_KINDS, NUM_CLASSES, SCHEDULE_CONFIG, build, entry
+from .models import DIFFUSION_KINDS, NUM_CLASSES, SCHEDULE_CONFIG, build, entry, sana_label_scalar
 from .weights import save, weights_path
 
 
@@ -136,7 +136,7 @@ class _Objective(nn.Module):
         # Diffusers' DiT has one label embedding per block, each dropping labels on its own, so the
         # all-null input that guidance asks for is almost never trained. With a teacher (which must see
         # the same dropped labels) or ``shared_label_dropout`` the labels are dropped once here instead.
-        self.shared_drop = self.entry.kind in ("unet", "pixart") or (
+        self.shared_drop = self.entry.kind in ("unet", "pixart", "sana") or (
             self.entry.kind == "dit" and (teacher is not None or shared_label_dropout))
         if self.shared_drop and self.entry.kind == "dit":
             for m in modules["transformer"].modules():
@@ -180,6 +180,9 @@ class _Objective(nn.Module):
             out = self.parts["unet"](xt, t, encoder_hidden_states=ctx, class_labels=cls).sample
         elif e.kind == "pixart":
             out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t).sample
+        elif e.kind == "sana":
+            out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t,
+                                            guidance=sana_label_scalar(labels)).sample
         else:  # without a teacher, the DiT's own label embeddings drop labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
         if self.teacher is not None:  # distillation: the teacher's prediction replaces the noisy target
