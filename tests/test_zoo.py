@@ -116,43 +116,49 @@ def test_a_pipeline_loads_weights_other_than_the_packaged_ones(tmp_path):
         zoo.load_pipeline("shapes-unet", weights=path)
 
 
-def test_pixart_trains_and_its_label_reaches_the_output_through_cross_attention(tmp_path):
-    from vision_eff.zoo.pipeline import ShapesPixArtPipeline
+def _trained_two_steps(name: str, kind: str, pipeline_cls, tmp_path):
+    """A label-token transformer trained for 2 steps, loaded as its pipeline, its weights then moved away
+    from the (near-zero) start so that the label's effect is visible."""
     from vision_eff.zoo.train import train
 
-    out = train("shapes-pixart", steps=2, batch_size=4, out=tmp_path / "p.safetensors", progress=False)
+    out = train(name, steps=2, batch_size=4, out=tmp_path / f"{kind}.safetensors", progress=False)
     meta = weights.read_metadata(out)
-    assert meta["model"] == "shapes-pixart" and meta["kind"] == "pixart" and meta["steps_done"] == 2
-    pipe = zoo.load_pipeline("shapes-pixart", weights=out)
-    assert isinstance(pipe, ShapesPixArtPipeline) and type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
-    torch.manual_seed(0)  # weights away from the (near-zero) start, so the label's effect is visible
+    assert meta["model"] == name and meta["kind"] == kind and meta["steps_done"] == 2
+    pipe = zoo.load_pipeline(name, weights=out)
+    assert type(pipe) is pipeline_cls
+    torch.manual_seed(0)
     for p in pipe.transformer.parameters():
         p.data.normal_(0, 0.05)
+    return pipe
+
+
+def _generates_with_two_schedulers(pipe) -> None:
+    for cls in (DPMSolverMultistepScheduler, EulerDiscreteScheduler):
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+        img = pipe(class_labels=[1, 5], num_inference_steps=3, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(0), output_type="pt").images
+        assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_pixart_trains_and_its_label_reaches_the_output_through_cross_attention(tmp_path):
+    from vision_eff.zoo.pipeline import ShapesPixArtPipeline
+
+    pipe = _trained_two_steps("shapes-pixart", "pixart", ShapesPixArtPipeline, tmp_path)
+    assert type(pipe.transformer).__name__ == "PixArtTransformer2DModel"
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
     a, b = pipe._denoise(x, t, torch.tensor([0, 0])), pipe._denoise(x, t, torch.tensor([3, 3]))
     ctx = pipe.label_encoder(torch.tensor([3, 3]))
     direct = pipe.transformer(x, encoder_hidden_states=ctx, timestep=t).sample
     assert torch.equal(b, direct) and (a - b).abs().max() > 1e-3  # the label tokens are the cross-attention context
-    for cls in (DPMSolverMultistepScheduler, EulerDiscreteScheduler):
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-        img = pipe(class_labels=[1, 5], num_inference_steps=3, generator=torch.Generator().manual_seed(0),
-                   output_type="pt").images
-        assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+    _generates_with_two_schedulers(pipe)
 
 
 def test_sana_trains_and_its_label_reaches_the_output_through_cross_attention_and_the_timestep(tmp_path):
     from vision_eff.zoo.models import SANA_LABEL_SCALE
     from vision_eff.zoo.pipeline import ShapesSanaPipeline
-    from vision_eff.zoo.train import train
 
-    out = train("shapes-sana", steps=2, batch_size=4, out=tmp_path / "s.safetensors", progress=False)
-    meta = weights.read_metadata(out)
-    assert meta["model"] == "shapes-sana" and meta["kind"] == "sana" and meta["steps_done"] == 2
-    pipe = zoo.load_pipeline("shapes-sana", weights=out)
-    assert isinstance(pipe, ShapesSanaPipeline) and type(pipe.transformer).__name__ == "SanaTransformer2DModel"
-    torch.manual_seed(0)
-    for p in pipe.transformer.parameters():
-        p.data.normal_(0, 0.05)
+    pipe = _trained_two_steps("shapes-sana", "sana", ShapesSanaPipeline, tmp_path)
+    assert type(pipe.transformer).__name__ == "SanaTransformer2DModel"
     x, t = torch.randn(2, 3, 32, 32), torch.tensor([500, 500])
     tr, lab = pipe.transformer, torch.tensor([3, 3])
     ctx, other = pipe.label_encoder(lab), pipe.label_encoder(torch.tensor([0, 0]))
@@ -162,11 +168,7 @@ def test_sana_trains_and_its_label_reaches_the_output_through_cross_attention_an
     # each path on its own changes the output: the tokens (same scalar) and the scalar (same tokens)
     assert (tr(x, encoder_hidden_states=other, timestep=t, guidance=scalar).sample - direct).abs().max() > 1e-3
     assert (tr(x, encoder_hidden_states=ctx, timestep=t, guidance=scalar * 0).sample - direct).abs().max() > 1e-3
-    for cls in (DPMSolverMultistepScheduler, EulerDiscreteScheduler):
-        pipe.scheduler = cls.from_config(pipe.scheduler.config)
-        img = pipe(class_labels=[1, 5], num_inference_steps=3, guidance_scale=3.0,
-                   generator=torch.Generator().manual_seed(0), output_type="pt").images
-        assert img.shape == (2, 3, 32, 32) and torch.isfinite(img).all()
+    _generates_with_two_schedulers(pipe)
 
 
 def test_sana_training_drops_labels_to_the_null_label_on_both_paths():
