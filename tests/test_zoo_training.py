@@ -1,5 +1,6 @@
 """The zoo's training recipe machinery: staged recipes, the zero-initialised class embedding, Min-SNR loss."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -288,3 +289,35 @@ def test_a_loss_override_reaches_the_final_stage_only_and_a_bad_one_stops_before
         train_mod.train("shapes-dit", out=tmp_path / "e.safetensors", progress=False, save_every=0, loss="snr")
     assert not (tmp_path / "e-stage0.safetensors").exists()
     assert train_mod.min_snr_gamma("min_snr2.5") == 2.5 and train_mod.min_snr_gamma("mse") is None
+
+
+def test_logit_normal_timesteps_follow_the_sd3_density_and_uniform_ones_cover_the_schedule():
+    from statistics import NormalDist
+
+    gen = torch.Generator().manual_seed(0)
+    n, T = 200_000, SCHEDULE_CONFIG["num_train_timesteps"]
+    t = train_mod.sample_timesteps(n, "logit_normal", gen, T)
+    assert t.dtype == torch.long and 0 <= t.min() and t.max() < T
+    for k in (100, 250, 500, 650, 900):  # P(t < k) = P(sigmoid(z) < k / T) = Phi(logit(k / T))
+        p = k / T
+        expected = NormalDist().cdf(math.log(p / (1 - p)))
+        assert abs((t < k).double().mean().item() - expected) < 0.005, k
+    u = train_mod.sample_timesteps(n, "uniform", gen, T)
+    assert u.min() == 0 and u.max() == T - 1 and abs((u < 250).double().mean().item() - 0.25) < 0.005
+    with pytest.raises(ValueError, match="timestep sampling must be one of"):
+        train_mod.sample_timesteps(4, "cosine", gen, T)
+
+
+def test_the_timestep_sampling_override_reaches_the_objective_and_the_metadata(tmp_path, monkeypatch):
+    _tiny_entry(monkeypatch, "shapes-dit", steps=1, batch_size=2, pretrain=[dict(steps=1, lr=1e-4)])
+    seen = []
+    real = train_mod.sample_timesteps
+    monkeypatch.setattr(train_mod, "sample_timesteps", lambda n, s, g, T=1000: seen.append(s) or real(n, s, g, T))
+    out = train_mod.train("shapes-dit", out=tmp_path / "d.safetensors", progress=False, save_every=0,
+                          timesteps="logit_normal")
+    # the pretraining stage keeps the recipe's uniform draws; the override is the final stage's
+    assert seen == ["uniform", "logit_normal"]
+    assert weights.read_metadata(out)["recipe"]["timesteps"] == "logit_normal"
+    assert "timesteps" not in weights.read_metadata(tmp_path / "d-stage0.safetensors")["recipe"]
+    with pytest.raises(ValueError, match="timestep sampling must be one of"):
+        train_mod.train("shapes-dit", out=tmp_path / "e.safetensors", progress=False, save_every=0, timesteps="x")

@@ -119,6 +119,9 @@ def _add_zoo(sub) -> None:
     t.add_argument("--dit-init", action="store_true",
                    help="shapes-dit from scratch: the DiT paper's initialisation (zero adaLN modulation and "
                         "final layer, so every block starts as the identity) instead of diffusers' default")
+    t.add_argument("--timesteps", default=None, choices=("uniform", "logit_normal"),
+                   help="diffusion models: how training timesteps are drawn: uniform (the recipes' default) or "
+                        "logit_normal (SD3's density, most weight on the middle of the schedule)")
     t.add_argument("--loss", default=None, metavar="LOSS",
                    help="diffusion models: 'mse' (plain regression on the prediction type) or 'min_snrG' "
                         "(Min-SNR-gamma weighting, e.g. min_snr5; it gives the noisiest timesteps almost no "
@@ -214,6 +217,10 @@ def _zoo(args) -> int:
 
             min_snr_gamma(args.loss)  # a ValueError (one line, exit 2) before the allocator is set below
             kwargs["loss"] = args.loss
+        if args.timesteps is not None:
+            if kind not in DIFFUSION_KINDS:
+                raise UsageError(f"--timesteps is for the diffusion models, not {args.name}")
+            kwargs["timesteps"] = args.timesteps
         if kind in DIFFUSION_KINDS:
             kwargs["keep_checkpoints"] = args.keep_checkpoints
             if args.save_every is not None:  # else train()'s default

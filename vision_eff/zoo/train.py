@@ -119,8 +119,11 @@ class _Objective(nn.Module):
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
                  prediction_type: str | None = None, loss: str = "mse", teacher=None,
                  shared_label_dropout: bool = False, repa: dict | None = None, vae=None,
-                 kl_weight: float = 0.0):
+                 kl_weight: float = 0.0, timesteps: str = "uniform"):
         super().__init__()
+        if timesteps not in TIMESTEP_SAMPLINGS:
+            raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {timesteps!r}")
+        self.timesteps = timesteps
         # Min-SNR-gamma weighting (Hang et al. 2023): the per-timestep weight of the x0 error is
         # min(SNR, gamma); expressed for the eps / v targets below.
         self.min_snr = min_snr_gamma(loss)
@@ -166,7 +169,7 @@ class _Objective(nn.Module):
         if self.vae is not None:  # a latent model trains on the scaled latents of its frozen autoencoder
             with torch.no_grad():
                 x0 = encode_latents(self.vae, x0)
-        t = torch.randint(0, SCHEDULE_CONFIG["num_train_timesteps"], (b,), generator=gen).to(x0.device)
+        t = sample_timesteps(b, self.timesteps, gen, SCHEDULE_CONFIG["num_train_timesteps"]).to(x0.device)
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
@@ -236,6 +239,21 @@ def min_snr_gamma(loss: str) -> float | None:
     return float(loss[7:]) if loss != "mse" else None
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_timesteps(n: int, sampling: str, gen: torch.Generator, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """``n`` training timesteps in [0, num_train_timesteps): ``"uniform"``, or ``"logit_normal"`` (SD3's
+    density, Esser et al. 2024: t / T = sigmoid(z), z ~ N(0, 1)), which concentrates training on the middle
+    of the schedule, where the class of an image is decided, at the cost of its ends."""
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (n,), generator=gen)
+    if sampling == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=gen, dtype=torch.float64))
+        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+    raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
+
+
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
     """Min-SNR-gamma weight of the squared error of an ``"epsilon"`` or ``"v_prediction"`` target: the x0
     error weighted by min(SNR, gamma), since x0 error = eps error / sqrt(snr) = v error * sqrt(1 - a)."""
@@ -280,7 +298,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
           prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
           keep_checkpoints: bool = False, repa: dict | None = None,
           shared_label_dropout: bool | None = None, init: str | None = None, loss: str | None = None,
-          precision: str = "auto") -> Path:
+          precision: str = "auto", timesteps: str | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -293,7 +311,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     each sample's label once for every block, so guidance's all-null input is trained. ``init="dit"``
     (DiT, from scratch) starts from the DiT paper's initialisation instead of diffusers' default. ``loss``
     ("mse" or "min_snrG") replaces the recipe's loss in the final stage. ``precision`` ("auto", "bf16",
-    "fp32"): see :func:`training_precision`; what was used goes into the metadata.
+    "fp32"): see :func:`training_precision`; what was used goes into the metadata. ``timesteps``
+    ("uniform" or "logit_normal", :func:`sample_timesteps`) replaces the final stage's timestep sampling.
     Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
     each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
@@ -303,7 +322,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init,
-                         loss=loss)
+                         loss=loss, timesteps=timesteps)
+    if recipe.get("timesteps", "uniform") not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {recipe['timesteps']!r}")
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
     check_precision(precision)  # before any pretraining stage runs
     if loss is not None:
@@ -367,7 +388,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     objective = _Objective(name, modules, recipe.get("label_dropout", 0.0), prediction_type,
                            recipe.get("loss", "mse"), teacher=teacher,
                            shared_label_dropout=recipe.get("shared_label_dropout", False), repa=recipe.get("repa"),
-                           vae=vae, kl_weight=recipe.get("kl_weight", 0.0))
+                           vae=vae, kl_weight=recipe.get("kl_weight", 0.0),
+                           timesteps=recipe.get("timesteps", "uniform"))
     params = list(objective.parameters())  # the model's, and REPA's training-only projector
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
