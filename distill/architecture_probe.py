@@ -32,7 +32,7 @@ def build(kind: str, layers: int):
     """(denoiser, label encoder or None): fresh modules of one architecture."""
     from diffusers import DiTTransformer2DModel, SanaTransformer2DModel, UNet2DConditionModel
 
-    from vision_eff.zoo.models import DIT_CONFIG, UNET_CLASS_EMBEDS, UNET_CONFIG, LabelEncoder
+    from vision_eff.zoo.models import DIT_CONFIG, SANA_CONFIG, UNET_CLASS_EMBEDS, UNET_CONFIG, LabelEncoder
 
     if kind == "dit":
         net = DiTTransformer2DModel(**dict(DIT_CONFIG, num_layers=layers))
@@ -41,11 +41,9 @@ def build(kind: str, layers: int):
                 m.dropout_prob = 0.0
         return net, None
     if kind == "sana":
-        net = SanaTransformer2DModel(
-            in_channels=3, out_channels=3, num_attention_heads=4, attention_head_dim=32, num_layers=layers,
-            num_cross_attention_heads=4, cross_attention_head_dim=32, cross_attention_dim=128, caption_channels=64,
-            mlp_ratio=2.5, sample_size=32, patch_size=2, interpolation_scale=1)
-        return net, LabelEncoder(dim=64)
+        # the zoo's shapes-sana without its label-beside-the-timestep path (the probe's runs predate it)
+        net = SanaTransformer2DModel(**dict(SANA_CONFIG, num_layers=layers, guidance_embeds=False))
+        return net, LabelEncoder(dim=SANA_CONFIG["caption_channels"])
     net = UNet2DConditionModel(**UNET_CONFIG, num_class_embeds=UNET_CLASS_EMBEDS)
     nn.init.zeros_(net.class_embedding.weight)
     return net, LabelEncoder(dim=UNET_CONFIG["cross_attention_dim"])

@@ -83,7 +83,7 @@ def _add_generate(sub) -> None:
 
 def _add_zoo(sub) -> None:
     from .zoo import ZOO, diffusion_models
-    from .zoo.train import PRECISIONS
+    from .zoo.train import PRECISIONS, TIMESTEP_SAMPLINGS
 
     p = sub.add_parser("zoo", help="list, train or evaluate the built-in models",
                        description="The built-in models: list them, retrain them from scratch, or evaluate them.")
@@ -119,7 +119,7 @@ def _add_zoo(sub) -> None:
     t.add_argument("--dit-init", action="store_true",
                    help="shapes-dit from scratch: the DiT paper's initialisation (zero adaLN modulation and "
                         "final layer, so every block starts as the identity) instead of diffusers' default")
-    t.add_argument("--timesteps", default=None, choices=("uniform", "logit_normal"),
+    t.add_argument("--timesteps", default=None, choices=TIMESTEP_SAMPLINGS,
                    help="diffusion models: how training timesteps are drawn: uniform (the recipes' default) or "
                         "logit_normal (SD3's density, most weight on the middle of the schedule)")
     t.add_argument("--loss", default=None, metavar="LOSS",

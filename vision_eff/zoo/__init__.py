@@ -59,8 +59,8 @@ def default_scheduler(name: str):
 
 def load_pipeline(name: str, scheduler=None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   weights: str | Path | None = None):
-    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``, ``shapes-sana``,
-    ``shapes-latent-dit``: a DiT in ``shapes-vae``'s latent space, decoded by it).
+    """A diffusers pipeline for a built-in diffusion model (``shapes-unet``, ``shapes-dit``, ``shapes-pixart``,
+    ``shapes-sana``, ``shapes-latent-dit``: a DiT in ``shapes-vae``'s latent space, decoded by it).
 
     ``scheduler`` defaults to diffusers' DPM-Solver++ multistep; any diffusers scheduler built with
     ``Scheduler.from_config(pipe.scheduler.config)`` can be swapped in afterwards. ``weights``: as in

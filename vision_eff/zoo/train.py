@@ -121,9 +121,7 @@ class _Objective(nn.Module):
                  shared_label_dropout: bool = False, repa: dict | None = None, vae=None,
                  kl_weight: float = 0.0, timesteps: str = "uniform"):
         super().__init__()
-        if timesteps not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {timesteps!r}")
-        self.timesteps = timesteps
+        self.timesteps = check_timestep_sampling(timesteps)
         # Min-SNR-gamma weighting (Hang et al. 2023): the per-timestep weight of the x0 error is
         # min(SNR, gamma); expressed for the eps / v targets below.
         self.min_snr = min_snr_gamma(loss)
@@ -181,11 +179,9 @@ class _Objective(nn.Module):
         if e.kind == "unet":
             cls = labels if self.parts["unet"].config.num_class_embeds else None
             out = self.parts["unet"](xt, t, encoder_hidden_states=ctx, class_labels=cls).sample
-        elif e.kind == "pixart":
-            out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t).sample
-        elif e.kind == "sana":
-            out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t,
-                                            guidance=sana_label_scalar(labels)).sample
+        elif e.kind in ("pixart", "sana"):  # Sana also takes the label beside the timestep
+            extra = {"guidance": sana_label_scalar(labels)} if e.kind == "sana" else {}
+            out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t, **extra).sample
         else:  # without a teacher, the DiT's own label embeddings drop labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
         if self.teacher is not None:  # distillation: the teacher's prediction replaces the noisy target
@@ -242,16 +238,21 @@ def min_snr_gamma(loss: str) -> float | None:
 TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
 
 
+def check_timestep_sampling(sampling: str) -> str:
+    """``sampling`` if it names one of :data:`TIMESTEP_SAMPLINGS`, else a ValueError naming them."""
+    if sampling not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
+    return sampling
+
+
 def sample_timesteps(n: int, sampling: str, gen: torch.Generator, num_train_timesteps: int = 1000) -> torch.Tensor:
     """``n`` training timesteps in [0, num_train_timesteps): ``"uniform"``, or ``"logit_normal"`` (SD3's
     density, Esser et al. 2024: t / T = sigmoid(z), z ~ N(0, 1)), which concentrates training on the middle
     of the schedule, where the class of an image is decided, at the cost of its ends."""
-    if sampling == "uniform":
+    if check_timestep_sampling(sampling) == "uniform":
         return torch.randint(0, num_train_timesteps, (n,), generator=gen)
-    if sampling == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=gen, dtype=torch.float64))
-        return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
-    raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}")
+    u = torch.sigmoid(torch.randn(n, generator=gen, dtype=torch.float64))
+    return (u * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
 
 
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
@@ -323,8 +324,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init,
                          loss=loss, timesteps=timesteps)
-    if recipe.get("timesteps", "uniform") not in TIMESTEP_SAMPLINGS:
-        raise ValueError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {recipe['timesteps']!r}")
+    check_timestep_sampling(recipe.get("timesteps", "uniform"))  # before any pretraining stage runs
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
     check_precision(precision)  # before any pretraining stage runs
     if loss is not None:
