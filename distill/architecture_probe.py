@@ -10,14 +10,18 @@ Architectures, all diffusers models built from config at width 128 (the built-in
 - ``dit``: the built-in ``shapes-dit`` (DiTTransformer2DModel, patch 2, adaLN-zero);
 - ``sana``: SanaTransformer2DModel, patch 2: linear attention, a depthwise-conv gated FFN (Mix-FFN),
   adaLN-single timestep modulation and cross-attention on the built-in label tokens;
-- ``unet``: the built-in ``shapes-unet`` (UNet2DConditionModel with the label in the timestep embedding).
+- ``unet``: the built-in ``shapes-unet`` (UNet2DConditionModel with the label in the timestep embedding);
+- ``dit-skip``: ``dit`` with long skip connections between shallow and deep blocks (after U-ViT, Bao et
+  al. 2023, who find them essential for a pixel-space ViT denoiser): the output of block k joins the input
+  of block L-1-k, and the patch embedding joins the last block's output, each through a linear map of
+  the concatenation that starts as the identity on the main path and zero on the skip, so the model
+  starts as ``dit`` does. Forward hooks on the blocks; the diffusers model itself is unchanged.
 
     python distill/architecture_probe.py --model sana --minutes 10 --out distill/results/architecture-probe.md
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -25,7 +29,59 @@ from pathlib import Path
 import torch
 from torch import nn
 
-MODELS = ("dit", "sana", "unet")
+MODELS = ("dit", "dit-skip", "sana", "unet")
+
+
+class LongSkips(nn.Module):
+    """U-ViT's long skips on a diffusers DiT, through forward hooks on its blocks (see the module doc).
+
+    Sources are block outputs (``-1``: the patch embedding, the first block's input); each target is a
+    block's input, or, for the patch embedding, the last block's output.
+    """
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        blocks = net.transformer_blocks
+        n, dim = len(blocks), net.inner_dim
+        # (source, target, where): block k's output -> block n-1-k's input, the embedding -> the last output
+        self.pairs = [(k, n - 1 - k, "input") for k in range(n // 2 - 1)] + [(-1, n - 1, "output")]
+        self.mix = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in self.pairs)
+        with torch.no_grad():
+            for lin in self.mix:
+                lin.weight.zero_()
+                lin.weight[:, :dim].copy_(torch.eye(dim))
+                lin.bias.zero_()
+        self._saved: dict[int, torch.Tensor] = {}
+        sources = {src for src, _, _ in self.pairs}
+        self.handles = [blocks[0].register_forward_pre_hook(self._save_embedding, with_kwargs=True)]
+        for k in sources - {-1}:
+            self.handles.append(blocks[k].register_forward_hook(self._saver(k)))
+        for i, (src, dst, where) in enumerate(self.pairs):
+            if where == "input":
+                self.handles.append(blocks[dst].register_forward_pre_hook(self._joiner_in(i, src), with_kwargs=True))
+            else:
+                self.handles.append(blocks[dst].register_forward_hook(self._joiner_out(i, src)))
+
+    def _join(self, i: int, src: int, h: torch.Tensor) -> torch.Tensor:
+        return self.mix[i](torch.cat([h, self._saved[src].to(h.dtype)], dim=-1))
+
+    def _save_embedding(self, module, args, kwargs):
+        self._saved[-1] = args[0]
+
+    def _saver(self, k: int):
+        def hook(module, args, output):
+            self._saved[k] = output
+        return hook
+
+    def _joiner_in(self, i: int, src: int):
+        def hook(module, args, kwargs):
+            return (self._join(i, src, args[0]),) + tuple(args[1:]), kwargs
+        return hook
+
+    def _joiner_out(self, i: int, src: int):
+        def hook(module, args, output):
+            return self._join(i, src, output)
+        return hook
 
 
 def build(kind: str, layers: int):
@@ -34,11 +90,13 @@ def build(kind: str, layers: int):
 
     from vision_eff.zoo.models import DIT_CONFIG, SANA_CONFIG, UNET_CLASS_EMBEDS, UNET_CONFIG, LabelEncoder
 
-    if kind == "dit":
+    if kind in ("dit", "dit-skip"):
         net = DiTTransformer2DModel(**dict(DIT_CONFIG, num_layers=layers))
         for m in net.modules():  # labels are dropped once per sample by the loop, not per block
             if hasattr(m, "dropout_prob") and hasattr(m, "embedding_table"):
                 m.dropout_prob = 0.0
+        if kind == "dit-skip":
+            net.long_skips = LongSkips(net)  # a submodule, so its weights train, average and save with the DiT
         return net, None
     if kind == "sana":
         # the zoo's shapes-sana without its label-beside-the-timestep path (the probe's runs predate it)
@@ -50,7 +108,7 @@ def build(kind: str, layers: int):
 
 
 def predict(kind: str, net, enc, xt, t, labels):
-    if kind == "dit":
+    if kind in ("dit", "dit-skip"):
         return net(xt, t, class_labels=labels).sample
     if kind == "sana":
         return net(xt, encoder_hidden_states=enc(labels), timestep=t).sample
@@ -82,7 +140,10 @@ def main(argv=None) -> int:
     params = sum(q.numel() for q in mods.parameters()) / 1e6
     ac = DDPMScheduler(**SCHEDULE_CONFIG).alphas_cumprod.float()
     opt = torch.optim.AdamW(mods.parameters(), lr=a.lr, weight_decay=0.0)
-    ema = copy.deepcopy(mods).eval()
+    with torch.random.fork_rng():  # a second build, not a deepcopy: the long skips' hooks hold their module
+        ema_net, ema_enc = build(a.model, a.layers)
+    ema = nn.ModuleList([ema_net] + ([ema_enc] if ema_enc is not None else [])).eval()
+    ema.load_state_dict(mods.state_dict())
     gen = torch.Generator().manual_seed(0)
     stream = _stream(a.batch_size, 32)
     t0, step, smooth = time.time(), 0, None
