@@ -51,16 +51,15 @@ class LongSkips(nn.Module):
                 lin.weight.zero_()
                 lin.weight[:, :dim].copy_(torch.eye(dim))
                 lin.bias.zero_()
-        self._saved: dict[int, torch.Tensor] = {}
-        sources = {src for src, _, _ in self.pairs}
-        self.handles = [blocks[0].register_forward_pre_hook(self._save_embedding, with_kwargs=True)]
-        for k in sources - {-1}:
-            self.handles.append(blocks[k].register_forward_hook(self._saver(k)))
+        self._saved: dict[int, torch.Tensor] = {}  # this forward's sources, emptied by the last join
+        blocks[0].register_forward_pre_hook(self._save_embedding, with_kwargs=True)
+        for k in {src for src, _, _ in self.pairs} - {-1}:
+            blocks[k].register_forward_hook(self._saver(k))
         for i, (src, dst, where) in enumerate(self.pairs):
             if where == "input":
-                self.handles.append(blocks[dst].register_forward_pre_hook(self._joiner_in(i, src), with_kwargs=True))
+                blocks[dst].register_forward_pre_hook(self._joiner_in(i, src), with_kwargs=True)
             else:
-                self.handles.append(blocks[dst].register_forward_hook(self._joiner_out(i, src)))
+                blocks[dst].register_forward_hook(self._joiner_out(i, src))
 
     def _join(self, i: int, src: int, h: torch.Tensor) -> torch.Tensor:
         return self.mix[i](torch.cat([h, self._saved[src].to(h.dtype)], dim=-1))
@@ -80,7 +79,9 @@ class LongSkips(nn.Module):
 
     def _joiner_out(self, i: int, src: int):
         def hook(module, args, output):
-            return self._join(i, src, output)
+            out = self._join(i, src, output)
+            self._saved.clear()  # the last block's join is the last use: hold no activations between calls
+            return out
         return hook
 
 
