@@ -39,6 +39,8 @@ def run_cli(*args):
     (["zoo", "train", "shapes-unet", "--precision", "fp16"], "invalid choice"),
     (["zoo", "train", "shapes-vae", "--timesteps", "uniform"], "--timesteps is for the diffusion models"),
     (["zoo", "train", "shapes-dit", "--timesteps", "cosine"], "invalid choice"),
+    (["zoo", "train", "shapes-dit", "--teacher-labels", "all"], "it needs --teacher"),
+    (["zoo", "train", "shapes-dit", "--teacher", "shapes-unet", "--teacher-labels", "many"], "invalid choice"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     """In process (a fresh interpreter per case costs seconds of imports); the entry point itself is checked

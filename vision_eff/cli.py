@@ -83,7 +83,7 @@ def _add_generate(sub) -> None:
 
 def _add_zoo(sub) -> None:
     from .zoo import ZOO, diffusion_models
-    from .zoo.train import PRECISIONS, TIMESTEP_SAMPLINGS
+    from .zoo.train import PRECISIONS, TEACHER_LABELS, TIMESTEP_SAMPLINGS
 
     p = sub.add_parser("zoo", help="list, train or evaluate the built-in models",
                        description="The built-in models: list them, retrain them from scratch, or evaluate them.")
@@ -110,6 +110,10 @@ def _add_zoo(sub) -> None:
     t.add_argument("--teacher", default=None, choices=diffusion_models(),
                    help="distill from this trained built-in diffusion model: its prediction at each noisy "
                         "sample replaces the noisy regression target (labels are dropped for both alike)")
+    t.add_argument("--teacher-labels", default=None, choices=TEACHER_LABELS,
+                   help="with --teacher: 'one' (default) distills each noisy image under its own label; 'all' "
+                        "under every label and the null one (the batch size counts noisy images, each giving "
+                        "9 rows), so the student learns what the label changes")
     t.add_argument("--repa", action="store_true",
                    help="shapes-dit: add REPA representation alignment (an early block's tokens pulled towards "
                         "the trained shapes-vit's patch features of the clean image; needs shapes-vit)")
@@ -203,6 +207,10 @@ def _zoo(args) -> int:
                 raise UsageError(f"--teacher: only a built-in diffusion model can distill, and from another "
                                  f"one (got {args.name} from {args.teacher})")
             kwargs["teacher"] = args.teacher
+        if args.teacher_labels is not None:
+            if args.teacher is None:
+                raise UsageError("--teacher-labels says how to distill from a teacher: it needs --teacher")
+            kwargs["teacher_labels"] = args.teacher_labels
         if args.repa or args.shared_label_dropout or args.dit_init:
             if kind != "dit":
                 raise UsageError(f"--repa / --shared-label-dropout / --dit-init are for shapes-dit, not {args.name}")

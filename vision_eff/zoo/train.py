@@ -65,16 +65,16 @@ def _lr_lambda(total: int, warmup: int = 100):
 
 
 def native_bf16(device: torch.device | str) -> bool:
-    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16,
-    AMX or at least AVX-512 (oneDNN's bf16 kernels). Without it torch emulates bf16 autocast, which on the
-    AVX2 CPU this was written on made a UNet training step 8x slower than fp32 (README: "The built-in zoo")."""
+    """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16
+    or AMX. Without them torch emulates bf16 autocast: on an AVX2 CPU that made a UNet training step 8x
+    slower than fp32, and on an AVX-512 CPU without AVX512-BF16 (where oneDNN still reports bf16 support)
+    a DiT step 1.6x slower (README: "The built-in zoo")."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    checks = (lambda: torch.cpu._is_avx512_bf16_supported(), lambda: torch.cpu._is_amx_tile_supported(),
-              lambda: torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    checks = (lambda: torch.cpu._is_avx512_bf16_supported(), lambda: torch.cpu._is_amx_tile_supported())
     for check in checks:  # private helpers: any that this torch lacks counts as no
         try:
             if check():
@@ -119,9 +119,10 @@ class _Objective(nn.Module):
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
                  prediction_type: str | None = None, loss: str = "mse", teacher=None,
                  shared_label_dropout: bool = False, repa: dict | None = None, vae=None,
-                 kl_weight: float = 0.0, timesteps: str = "uniform"):
+                 kl_weight: float = 0.0, timesteps: str = "uniform", teacher_labels: str = "one"):
         super().__init__()
         self.timesteps = check_timestep_sampling(timesteps)
+        self.teacher_labels = check_teacher_labels(teacher_labels, teacher is not None)
         # Min-SNR-gamma weighting (Hang et al. 2023): the per-timestep weight of the x0 error is
         # min(SNR, gamma); expressed for the eps / v targets below.
         self.min_snr = min_snr_gamma(loss)
@@ -145,6 +146,8 @@ class _Objective(nn.Module):
                     m.dropout_prob = 0.0
         self.repa, self.repa_weight, self.last_repa = None, 0.0, None
         if repa:
+            if self.teacher_labels == "all":
+                raise ValueError("REPA aligns one row per clean image; it cannot be combined with teacher_labels='all'")
             if self.entry.kind != "dit" or self.entry.vae:
                 raise ValueError(f"REPA alignment is for the pixel-space DiT (shapes-dit), not {name!r}")
             from .repa import RepaAlignment
@@ -171,7 +174,9 @@ class _Objective(nn.Module):
         noise = torch.randn(x0.shape, generator=gen).to(x0.device)
         a = self.alphas_cumprod[t].view(b, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        if self.shared_drop:
+        if self.teacher_labels == "all":  # every noisy image under every label: the null one is among them
+            xt, t, a, labels = every_label(xt, t, a)
+        elif self.shared_drop:
             drop = (torch.rand(b, generator=gen) < self.label_dropout).to(x0.device)
             labels = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
         # the cross-attending models (UNet, PixArt) read the label as tokens
@@ -200,6 +205,31 @@ class _Objective(nn.Module):
             self.last_repa = self.repa.loss(x0)
             loss = loss + self.repa_weight * self.last_repa
         return loss
+
+
+TEACHER_LABELS = ("one", "all")
+
+
+def check_teacher_labels(choice: str, has_teacher: bool) -> str:
+    """``choice`` if it names one of :data:`TEACHER_LABELS` and, for ``"all"``, there is a teacher to ask."""
+    if choice not in TEACHER_LABELS:
+        raise ValueError(f"teacher_labels must be one of {TEACHER_LABELS}, got {choice!r}")
+    if choice == "all" and not has_teacher:
+        raise ValueError("teacher_labels='all' asks the teacher what each noisy image becomes under every "
+                         "label; it needs a teacher (--teacher)")
+    return choice
+
+
+def every_label(xt: torch.Tensor, t: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of the ``b`` noisy images with every label 0..NUM_CLASSES (the last is the null label):
+    ``(xt, t, alpha_bar, labels)`` with ``b * (NUM_CLASSES + 1)`` rows, image-major.
+
+    Distillation with ``teacher_labels="all"`` trains on these: the teacher's answers for one noisy image
+    under different labels differ only through the label, which is exactly what a student that ignores
+    its label (the pixel DiT here) has to learn, and the null label's answer is guidance's."""
+    k = NUM_CLASSES + 1
+    labels = torch.arange(k, device=xt.device).repeat(xt.shape[0])
+    return xt.repeat_interleave(k, 0), t.repeat_interleave(k, 0), a.repeat_interleave(k, 0), labels
 
 
 def _autoencoder_loss(vae: nn.Module, x: torch.Tensor, gen: torch.Generator, kl_weight: float) -> torch.Tensor:
@@ -299,7 +329,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
           prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
           keep_checkpoints: bool = False, repa: dict | None = None,
           shared_label_dropout: bool | None = None, init: str | None = None, loss: str | None = None,
-          precision: str = "auto", timesteps: str | None = None) -> Path:
+          precision: str = "auto", timesteps: str | None = None, teacher_labels: str | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -314,6 +344,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     ("mse" or "min_snrG") replaces the recipe's loss in the final stage. ``precision`` ("auto", "bf16",
     "fp32"): see :func:`training_precision`; what was used goes into the metadata. ``timesteps``
     ("uniform" or "logit_normal", :func:`sample_timesteps`) replaces the final stage's timestep sampling.
+    ``teacher_labels="all"`` (with ``teacher``) distills each noisy image under every label instead of its
+    own (:func:`every_label`): the batch size counts noisy images, each giving NUM_CLASSES + 1 rows.
     Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
     each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
@@ -323,8 +355,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init,
-                         loss=loss, timesteps=timesteps)
+                         loss=loss, timesteps=timesteps, teacher_labels=teacher_labels)
     check_timestep_sampling(recipe.get("timesteps", "uniform"))  # before any pretraining stage runs
+    check_teacher_labels(recipe.get("teacher_labels", "one"), recipe.get("teacher") is not None)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
     check_precision(precision)  # before any pretraining stage runs
     if loss is not None:
@@ -389,7 +422,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
                            recipe.get("loss", "mse"), teacher=teacher,
                            shared_label_dropout=recipe.get("shared_label_dropout", False), repa=recipe.get("repa"),
                            vae=vae, kl_weight=recipe.get("kl_weight", 0.0),
-                           timesteps=recipe.get("timesteps", "uniform"))
+                           timesteps=recipe.get("timesteps", "uniform"),
+                           teacher_labels=recipe.get("teacher_labels", "one"))
     params = list(objective.parameters())  # the model's, and REPA's training-only projector
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
