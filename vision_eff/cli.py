@@ -133,8 +133,8 @@ def _add_zoo(sub) -> None:
     add_allocator_option(t)
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto (default): the recipe's bf16 autocast only where the hardware has native bf16 "
-                        "(a GPU, or a CPU with AVX-512 / AMX), else fp32, since emulated bf16 is many times "
-                        "slower; bf16 / fp32 force one. The weights' metadata records what ran")
+                        "(a GPU, or a CPU with AVX512-BF16 / AMX), else fp32, since emulated bf16 is slower, "
+                        "many times so without AVX-512; bf16 / fp32 force one. The weights' metadata records what ran")
     e = zsub.add_parser("eval", help="measure a built-in model's quality (same as `vision-eff bench zoo`)")
     e.add_argument("args", nargs=argparse.REMAINDER)
 

@@ -102,7 +102,7 @@ def training_precision(recipe: dict, device: torch.device | str, choice: str = "
     if choice == "bf16" or native_bf16(device):
         return "bf16", "bf16 autocast"
     return "no", (f"fp32: the recipe asks for bf16, but this {torch.device(device).type} has no native bf16 "
-                  "(emulated bf16 autocast is many times slower; --precision bf16 forces it)")
+                  "(emulated bf16 autocast is slower than fp32; --precision bf16 forces it)")
 
 
 @torch.no_grad()
