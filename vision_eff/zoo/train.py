@@ -68,7 +68,7 @@ def native_bf16(device: torch.device | str) -> bool:
     """Whether ``device`` computes bf16 in hardware: a CUDA GPU that supports it, or a CPU with AVX512-BF16
     or AMX. Without them torch emulates bf16 autocast: on an AVX2 CPU that made a UNet training step 8x
     slower than fp32, and on an AVX-512 CPU without AVX512-BF16 (where oneDNN still reports bf16 support)
-    a DiT step 1.6x slower (README: "The built-in zoo")."""
+    a DiT step 2x slower (README: "The built-in zoo")."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
