@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = ("shapes-dit", "shapes-pixart", "shapes-sana", "shapes-latent-dit", "shapes-unet")
+MODELS = ("shapes-dit", "shapes-dit-rope", "shapes-pixart", "shapes-sana", "shapes-latent-dit", "shapes-unet")
 
 
 def _steps(meta: dict) -> tuple[int, int, int, float]:
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="shapes-dit", choices=MODELS, help="the model the checkpoints are of")
-    p.add_argument("--checkpoints", nargs="+", type=Path, required=True, help="weights files of --model")
+    p.add_argument("--checkpoints", nargs="+", type=Path, required=True,
+                   help="weights files of --model (a file whose metadata names another of these models is scored as that one)")
     p.add_argument("--samples", type=int, default=64, help="generated images per row (class-balanced)")
     p.add_argument("--guidance", type=float, nargs="+", default=[3.0],
                    help="classifier-free guidance scale(s); with several, every weights file is measured at each")
@@ -100,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     # the packaged --model row, the peer of its checkpoints (for shapes-unet that is the teacher row)
     if args.model != "shapes-unet" and weights_path(args.model).exists():
         runs.append((f"{args.model} (packaged)", args.model, None, model_info(args.model)))
-    runs += [(str(c), args.model, c, read_metadata(c)) for c in args.checkpoints]  # in the order given
+    for c in args.checkpoints:  # in the order given, each as the model its metadata names
+        meta = read_metadata(c)
+        if meta.get("model", args.model) not in MODELS:
+            p.error(f"{c} holds weights of {meta['model']!r}; this study scores {', '.join(MODELS)}")
+        runs.append((str(c), meta.get("model", args.model), c, meta))
     sweep = len(args.guidance) > 1
     rows, panels = [], []  # panel k is of runs[k // len(args.guidance)]
     per = min(8, args.samples // 8)  # images per class in the gallery grids
@@ -109,13 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         student = path is not None or name != "shapes-unet"
         plain, kd, repa, train_s = _steps(meta) if student else ("", "", "", None)  # the teacher's: README
         label = what if path is None else f"`{path.parent.name}/{path.name}`"
-        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-pixart": "PixArt", "shapes-sana": "Sana",
+        short = {"shapes-unet": "UNet", "shapes-dit": "DiT", "shapes-dit-rope": "DiT-RoPE", "shapes-pixart": "PixArt", "shapes-sana": "Sana",
                  "shapes-latent-dit": "latent DiT"}[name]
         caption = ("teacher (UNet)" if name == "shapes-unet" else f"{short} (packaged)" if path is None
                    else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
         for guidance in args.guidance:
             imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, guidance, desc=Path(what).name)
-            rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-latent-dit") else "",  # (DiT options)
+            rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-dit-rope", "shapes-latent-dit") else "",  # (DiT options)
                          "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                          "batch": (meta.get("recipe") or {}).get("batch_size", "") if student else "",
                          **({"guidance": guidance} if sweep else {}), "accuracy": ev.accuracy(imgs, labels),

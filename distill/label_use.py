@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+MODELS = ("shapes-dit", "shapes-dit-rope", "shapes-pixart", "shapes-sana")
+
 
 def x0_errors(pipe, x0: torch.Tensor, labels: torch.Tensor, t: int, noise: torch.Tensor,
               alphas_cumprod: torch.Tensor, others: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -42,12 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from vision_eff.gallery import command_line, markdown_table, provenance
     from vision_eff.zoo import data, load_pipeline
     from vision_eff.zoo.models import NUM_CLASSES, SCHEDULE_CONFIG
-    from vision_eff.zoo.weights import weights_path
+    from vision_eff.zoo.weights import read_metadata, weights_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="shapes-dit", choices=("shapes-dit", "shapes-pixart", "shapes-sana"),
-                   help="the model the --weights files are of")
-    p.add_argument("--weights", nargs="*", type=Path, default=[], help="further weights files of --model")
+    p.add_argument("--model", default="shapes-dit", choices=MODELS, help="the model the --weights files are of")
+    p.add_argument("--weights", nargs="*", type=Path, default=[],
+                   help="further weights files of --model (a file whose metadata names another of these models is "
+                        "scored as that one)")
     p.add_argument("--images", type=int, default=256, help="held-out images")
     p.add_argument("--timesteps", type=int, nargs="+", default=[100, 200, 350, 500, 800])
     p.add_argument("--threads", type=int, default=None)
@@ -70,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     models = [("shapes-unet (packaged)", "shapes-unet", None), ("shapes-dit (packaged)", "shapes-dit", None)]
     if args.model != "shapes-dit" and weights_path(args.model).exists():
         models.append((f"{args.model} (packaged)", args.model, None))
-    models += [(f"`{w.parent.name}/{w.name}`", args.model, w) for w in args.weights]
+    for w in args.weights:
+        name = read_metadata(w).get("model", args.model)
+        if name not in MODELS:
+            p.error(f"{w} holds weights of {name!r}; this study scores {', '.join(MODELS)}")
+        models.append((f"`{w.parent.name}/{w.name}`", name, w))
     for what, name, path in models:
         pipe = load_pipeline(name, weights=path)
         for t in args.timesteps:

@@ -41,6 +41,8 @@ def run_cli(*args):
     (["zoo", "train", "shapes-dit", "--timesteps", "cosine"], "invalid choice"),
     (["zoo", "train", "shapes-dit", "--teacher-labels", "all"], "it needs --teacher"),
     (["zoo", "train", "shapes-dit", "--teacher", "shapes-unet", "--teacher-labels", "many"], "invalid choice"),
+    (["zoo", "train", "shapes-dit", "--mask-ratio", "1.5"], "--mask-ratio must be in (0, 1)"),
+    (["zoo", "train", "shapes-unet", "--mask-ratio", "0.5"], "--mask-ratio is for the DiTs, not shapes-unet"),
 ])
 def test_bad_input_one_line_exit_2(args, needle, capsys):
     """In process (a fresh interpreter per case costs seconds of imports); the entry point itself is checked

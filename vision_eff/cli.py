@@ -123,6 +123,9 @@ def _add_zoo(sub) -> None:
     t.add_argument("--dit-init", action="store_true",
                    help="shapes-dit from scratch: the DiT paper's initialisation (zero adaLN modulation and "
                         "final layer, so every block starts as the identity) instead of diffusers' default")
+    t.add_argument("--mask-ratio", type=float, default=None, metavar="R",
+                   help="a DiT: add MDT's masked-token loss (a share R in (0, 1) of the patch tokens dropped in the "
+                        "first half of the blocks, predicted back by the rest), beside the plain loss")
     t.add_argument("--timesteps", default=None, choices=TIMESTEP_SAMPLINGS,
                    help="diffusion models: how training timesteps are drawn: uniform (the recipes' default) or "
                         "logit_normal (SD3's density, most weight on the middle of the schedule)")
@@ -225,6 +228,12 @@ def _zoo(args) -> int:
 
             min_snr_gamma(args.loss)  # a ValueError (one line, exit 2) before the allocator is set below
             kwargs["loss"] = args.loss
+        if args.mask_ratio is not None:
+            if kind != "dit":
+                raise UsageError(f"--mask-ratio is for the DiTs, not {args.name}")
+            if not 0.0 < args.mask_ratio < 1.0:
+                raise UsageError(f"--mask-ratio must be in (0, 1), got {args.mask_ratio}")
+            kwargs["mask_ratio"] = args.mask_ratio
         if args.timesteps is not None:
             if kind not in DIFFUSION_KINDS:
                 raise UsageError(f"--timesteps is for the diffusion models, not {args.name}")

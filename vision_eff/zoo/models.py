@@ -165,6 +165,7 @@ class ZooEntry:
     prediction_type: str | None = None
     train: dict = field(default_factory=dict)  # default training recipe
     vae: str | None = None  # a diffusion model in the latent space of this built-in autoencoder
+    rope: bool = False  # a DiT whose self-attention has 2D rotary position embedding (vision_eff.zoo.rope)
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -189,6 +190,15 @@ ZOO: dict[str, ZooEntry] = {
         train=dict(steps=3200, batch_size=32, lr=6e-4, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
                    loss="min_snr5",
                    pretrain=[dict(steps=2000, lr=1e-3, loss="mse")]),
+    ),
+    "shapes-dit-rope": ZooEntry(
+        "shapes-dit-rope", "dit",
+        "shapes-dit with 2D rotary position embedding in its self-attention (RoPE2DAttnProcessor, no extra "
+        "weights: attention scores depend on the offset between tokens), 32x32 RGB, v prediction",
+        prediction_type="v_prediction",
+        train=dict(steps=16000, batch_size=16, lr=8e-4, seed=0, label_dropout=0.1, ema=0.998, bf16=True,
+                   loss="min_snr5", shared_label_dropout=True),
+        rope=True,
     ),
     "shapes-pixart": ZooEntry(
         "shapes-pixart", "pixart",
@@ -298,7 +308,12 @@ def build(name: str, class_embed: bool = True, init: str = "diffusers") -> dict[
     if e.kind == "dit":
         from diffusers import DiTTransformer2DModel
 
-        transformer = DiTTransformer2DModel(**(LATENT_DIT_CONFIG if e.vae else DIT_CONFIG))
+        config = LATENT_DIT_CONFIG if e.vae else DIT_CONFIG
+        transformer = DiTTransformer2DModel(**config)
+        if e.rope:
+            from .rope import install_rope
+
+            install_rope(transformer, grid=config["sample_size"] // config["patch_size"])
         return {"transformer": init_dit_weights(transformer) if init == "dit" else transformer}
     if e.kind == "vit":
         from ..vit.builtin import build_vit

@@ -119,7 +119,8 @@ class _Objective(nn.Module):
     def __init__(self, name: str, modules: dict[str, nn.Module], label_dropout: float = 0.0,
                  prediction_type: str | None = None, loss: str = "mse", teacher=None,
                  shared_label_dropout: bool = False, repa: dict | None = None, vae=None,
-                 kl_weight: float = 0.0, timesteps: str = "uniform", teacher_labels: str = "one"):
+                 kl_weight: float = 0.0, timesteps: str = "uniform", teacher_labels: str = "one",
+                 mask_ratio: float = 0.0):
         super().__init__()
         self.timesteps = check_timestep_sampling(timesteps)
         self.teacher_labels = check_teacher_labels(teacher_labels, teacher is not None)
@@ -155,6 +156,15 @@ class _Objective(nn.Module):
             opts = dict(repa)
             self.repa_weight = float(opts.pop("weight", 0.5))
             self.repa = RepaAlignment(modules["transformer"], **opts)
+        self.masking = None
+        if mask_ratio:
+            if self.entry.kind != "dit":
+                raise ValueError(f"masked-token training (mask_ratio) is for the DiTs, not {name!r}")
+            if self.repa is not None:
+                raise ValueError("REPA aligns the tokens of every position; it cannot be combined with masked-token training")
+            from .masked import MaskedTokenTraining
+
+            self.masking = MaskedTokenTraining(modules["transformer"], ratio=mask_ratio)
         if self.entry.kind not in ("classifier", "vae"):
             from diffusers import DDPMScheduler
 
@@ -189,6 +199,10 @@ class _Objective(nn.Module):
             out = self.parts["transformer"](xt, encoder_hidden_states=ctx, timestep=t, **extra).sample
         else:  # without a teacher, the DiT's own label embeddings drop labels with p=0.1 in training mode
             out = self.parts["transformer"](xt, t, class_labels=labels).sample
+        masked_out = None
+        if self.masking is not None:  # MDT: the same inputs again, with tokens dropped in the first blocks
+            with self.masking.masked(gen):
+                masked_out = self.parts["transformer"](xt, t, class_labels=labels).sample
         if self.teacher is not None:  # distillation: the teacher's prediction replaces the noisy target
             with torch.no_grad():
                 pred = self.teacher._denoise(xt, t, labels).float()
@@ -196,11 +210,12 @@ class _Objective(nn.Module):
                                         self.prediction_type)
         else:
             target = noise if self.prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
-        if self.min_snr is None:
-            loss = nn.functional.mse_loss(out.float(), target)
-        else:
-            w = min_snr_weight(a, self.min_snr, self.prediction_type)
-            loss = (w * (out.float() - target).square()).mean()
+        def error(pred: torch.Tensor) -> torch.Tensor:
+            if self.min_snr is None:
+                return nn.functional.mse_loss(pred.float(), target)
+            return (min_snr_weight(a, self.min_snr, self.prediction_type) * (pred.float() - target).square()).mean()
+
+        loss = error(out) if masked_out is None else error(out) + error(masked_out)
         if self.repa is not None:
             self.last_repa = self.repa.loss(x0)
             loss = loss + self.repa_weight * self.last_repa
@@ -329,7 +344,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
           prediction_type: str | None = None, stage: dict | None = None, teacher: str | None = None,
           keep_checkpoints: bool = False, repa: dict | None = None,
           shared_label_dropout: bool | None = None, init: str | None = None, loss: str | None = None,
-          precision: str = "auto", timesteps: str | None = None, teacher_labels: str | None = None) -> Path:
+          precision: str = "auto", timesteps: str | None = None, teacher_labels: str | None = None,
+          mask_ratio: float | None = None) -> Path:
     """Train a zoo model and write its weights; returns the weights path.
 
     A recipe with ``pretrain`` stages (e.g. epsilon prediction first, then v prediction) runs them in
@@ -346,6 +362,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     ("uniform" or "logit_normal", :func:`sample_timesteps`) replaces the final stage's timestep sampling.
     ``teacher_labels="all"`` (with ``teacher``) distills each noisy image under every label instead of its
     own (:func:`every_label`): the batch size counts noisy images, each giving NUM_CLASSES + 1 rows.
+    ``mask_ratio`` (a DiT, in the final stage) adds MDT's masked-token loss beside the plain one
+    (:class:`~vision_eff.zoo.masked.MaskedTokenTraining`, that share of tokens dropped in the first half of the blocks).
     Every ``save_every`` steps the weights so far are written to ``out``; with ``keep_checkpoints``
     each of them is also kept as ``OUT.stepN.safetensors`` (for studies of quality against steps).
     """
@@ -355,7 +373,7 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
     e = entry(name)
     recipe = recipe_with(e.train, threads=threads, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
                          teacher=teacher, repa=repa, shared_label_dropout=shared_label_dropout, init=init,
-                         loss=loss, timesteps=timesteps, teacher_labels=teacher_labels)
+                         loss=loss, timesteps=timesteps, teacher_labels=teacher_labels, mask_ratio=mask_ratio)
     check_timestep_sampling(recipe.get("timesteps", "uniform"))  # before any pretraining stage runs
     check_teacher_labels(recipe.get("teacher_labels", "one"), recipe.get("teacher") is not None)
     _check_teacher(recipe.get("teacher"), name)  # before any pretraining stage runs
@@ -423,8 +441,8 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
                            shared_label_dropout=recipe.get("shared_label_dropout", False), repa=recipe.get("repa"),
                            vae=vae, kl_weight=recipe.get("kl_weight", 0.0),
                            timesteps=recipe.get("timesteps", "uniform"),
-                           teacher_labels=recipe.get("teacher_labels", "one"))
-    params = list(objective.parameters())  # the model's, and REPA's training-only projector
+                           teacher_labels=recipe.get("teacher_labels", "one"), mask_ratio=recipe.get("mask_ratio", 0.0))
+    params = list(objective.parameters())  # the model's, and REPA's projector or MDT's mask token (training-only)
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=0.0 if e.kind != "classifier" else 1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe["steps"]))
     wrapped, opt, sched = accel.prepare(objective, opt, sched)
@@ -483,8 +501,9 @@ def train(name: str, steps: int | None = None, batch_size: int | None = None, lr
         if save_every and (step + 1) % save_every == 0 and step + 1 < recipe["steps"]:
             checkpoint(step + 1, final=False)
     checkpoint(recipe["steps"], final=True)
-    if objective.repa is not None:
-        objective.repa.remove()
+    for extra in (objective.repa, objective.masking):  # training-only hooks off the model
+        if extra is not None:
+            extra.remove()
     accel.wait_for_everyone()
     return out
 
