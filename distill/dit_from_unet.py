@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from vision_eff.gallery import GALLERY, command_line, labelled_panels, markdown_table, provenance, update_section
     from vision_eff.main_job import balanced_labels, class_grid, generate, reference_configuration
     from vision_eff.metrics import Evaluator
-    from vision_eff.zoo import load_pipeline, model_info
+    from vision_eff.zoo import entry, load_pipeline, model_info
     from vision_eff.zoo.weights import read_metadata, weights_path
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                    else f"{short}, {plain + kd + repa} steps, {kd} distilled ({path.parent.name})")
         for guidance in args.guidance:
             imgs, secs = generate(pipe, reference_configuration(), labels, args.seed, guidance, desc=Path(what).name)
-            rows.append({"weights": label, "start": _start(meta) if name in ("shapes-dit", "shapes-dit-rope", "shapes-latent-dit") else "",  # (DiT options)
+            rows.append({"weights": label, "start": _start(meta) if entry(name).kind == "dit" else "",  # (DiT options)
                          "steps (no teacher)": plain, "steps distilled": kd, "steps with REPA": repa, "train min": "" if train_s is None else round(train_s / 60),
                          "batch": (meta.get("recipe") or {}).get("batch_size", "") if student else "",
                          **({"guidance": guidance} if sweep else {}), "accuracy": ev.accuracy(imgs, labels),

@@ -7,8 +7,8 @@ depends on the offset between two tokens: the translation-equivariant bias that 
 to attention. It has no parameters; :class:`RoPE2DAttnProcessor` installs it through diffusers' attention
 processor API (``Attention.set_processor``), on one model, leaving the class untouched.
 
-The maths is two plain functions: :func:`rope_2d_angles` (the angle of every token and frequency) and
-:func:`apply_rope` (the rotation).
+The maths is plain functions: :func:`rope_2d_angles` (the angle of every token and frequency) and
+:func:`apply_rope` / :func:`rotate` (the rotation, from the angles or from their cached cosines and sines).
 """
 from __future__ import annotations
 
@@ -39,7 +39,13 @@ def apply_rope(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     if angles.shape[-2:] != (x.shape[-2], half):
         raise ValueError(f"angles of shape {tuple(angles.shape)} do not fit {x.shape[-2]} tokens of head_dim "
                          f"{x.shape[-1]}")
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return rotate(x, angles.cos(), angles.sin())
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` from the cosines and sines of the angles (what a layer caches)."""
+    half = x.shape[-1] // 2
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -56,13 +62,15 @@ class RoPE2DAttnProcessor:
     def __init__(self, grid: int, theta: float = ROPE_THETA):
         self.grid, self.theta = grid, theta
         self.positions: torch.Tensor | None = None
-        self._angles: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def angles(self, head_dim: int, device: torch.device) -> torch.Tensor:
+    def tables(self, head_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cosines and sines of :func:`rope_2d_angles`, computed once per head size and device."""
         key = (head_dim, device)
-        if key not in self._angles:
-            self._angles[key] = rope_2d_angles(self.grid, head_dim, self.theta).to(device)
-        return self._angles[key]
+        if key not in self._tables:
+            angles = rope_2d_angles(self.grid, head_dim, self.theta).to(device)
+            self._tables[key] = (angles.cos(), angles.sin())
+        return self._tables[key]
 
     def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states=None,
                  attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
@@ -86,10 +94,11 @@ class RoPE2DAttnProcessor:
         q, k, v = (t.view(b, n, heads, head_dim).transpose(1, 2) for t in (q, k, v))
         if attn.norm_q is not None:
             q, k = attn.norm_q(q), attn.norm_k(k)
-        angles = self.angles(head_dim, q.device)
+        cos, sin = self.tables(head_dim, q.device)
         if self.positions is not None:  # [b, 1 (heads), n, head_dim // 2]
-            angles = angles[self.positions.to(q.device)][:, None]
-        q, k = apply_rope(q, angles), apply_rope(k, angles)
+            pos = self.positions.to(q.device)
+            cos, sin = cos[pos][:, None], sin[pos][:, None]
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         out = nn.functional.scaled_dot_product_attention(q, k, v, scale=attn.scale)
         out = out.transpose(1, 2).reshape(b, n, heads * head_dim).to(q.dtype)
         return attn.to_out[1](attn.to_out[0](out))
